@@ -1,0 +1,4 @@
+"""Duo attention kernels: pure-JAX references and Pallas Mosaic-GPU kernels for Hopper."""
+
+from duojax.kernels.hardware import hopper_device_kind, resolve_impl
+from duojax.kernels.reference import duo_attention_reference, visible_mask
