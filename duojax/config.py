@@ -136,35 +136,51 @@ class LlamaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DuoSpec:
-  """Duo attention layout: per layer, how many KV heads (the leading ones) are retrieval heads.
+  """Duo attention layout: which KV heads of each layer are retrieval heads, plus ``sink`` and ``window``.
 
-  ``num_full[l]`` KV heads ``[0, num_full[l])`` of layer ``l`` attend to every previous token; the others are
-  streaming heads that see the first ``sink`` tokens and the last ``window`` tokens (their own included).
+  ``full[l][h]`` is True when KV head ``h`` of layer ``l`` attends to every previous token (retrieval head);
+  the others are streaming heads that see the first ``sink`` tokens and the last ``window`` tokens (their own
+  included). After head reordering the retrieval heads come first (``full[l] = (True,)*n + (False,)*rest``);
+  a tensor-parallel layout is retrieval-first inside each shard instead. Build with :meth:`from_num_full`.
   """
 
-  num_full: tuple[int, ...]
+  full: tuple[tuple[bool, ...], ...]
   sink: int = 128
   window: int = 256
 
   def __post_init__(self):
     check_sink_window(self.sink, self.window)
-    object.__setattr__(self, "num_full", tuple(int(n) for n in self.num_full))
+    object.__setattr__(self, "full", tuple(tuple(bool(x) for x in row) for row in self.full))
+
+  @classmethod
+  def from_num_full(cls, num_full, num_kv_heads: int, sink: int = 128, window: int = 256) -> "DuoSpec":
+    """Retrieval-first layout: layer ``l`` has ``num_full[l]`` leading retrieval KV heads."""
+    bad = [(l, n) for l, n in enumerate(num_full) if not 0 <= int(n) <= num_kv_heads]
+    if bad:
+      raise ValueError(
+          f"retrieval head counts must lie in [0, {num_kv_heads}] (KV heads per layer); got (layer, count) "
+          f"{bad[:4]}")
+    return cls(tuple((True,) * int(n) + (False,) * (num_kv_heads - int(n)) for n in num_full), sink, window)
 
   @classmethod
   def all_full(cls, config: LlamaConfig, sink: int = 128, window: int = 256) -> "DuoSpec":
-    return cls((config.num_key_value_heads,) * config.num_hidden_layers, sink, window)
+    return cls.from_num_full((config.num_key_value_heads,) * config.num_hidden_layers,
+                             config.num_key_value_heads, sink, window)
+
+  @property
+  def num_full(self) -> tuple[int, ...]:
+    """Retrieval KV heads per layer."""
+    return tuple(sum(row) for row in self.full)
 
   def validate(self, config: LlamaConfig) -> None:
     """Raises ValueError if this layout does not fit ``config``."""
-    if len(self.num_full) != config.num_hidden_layers:
+    shape = (len(self.full), len(self.full[0]) if self.full else 0)
+    want = (config.num_hidden_layers, config.num_key_value_heads)
+    if shape != want or any(len(row) != want[1] for row in self.full):
       raise ValueError(
-          f"duo pattern has {len(self.num_full)} layers but the model has {config.num_hidden_layers}")
-    bad = [(l, n) for l, n in enumerate(self.num_full) if not 0 <= n <= config.num_key_value_heads]
-    if bad:
-      raise ValueError(
-          f"retrieval head counts must lie in [0, {config.num_key_value_heads}] (KV heads per layer); "
-          f"got (layer, count) {bad[:4]}")
+          f"duo pattern has shape {shape} (layers, KV heads) but the model has {want}")
 
   def sparsity_for(self, config: LlamaConfig) -> float:
+    """Fraction of streaming KV heads."""
     total = config.num_key_value_heads * config.num_hidden_layers
     return 1.0 - sum(self.num_full) / total

@@ -117,7 +117,7 @@ def retrieval_count(num_heads: int, sparsity: float) -> int:
     return 0
   if sparsity <= 0.0:
     return num_heads
-  # Round to 9 decimals first so that e.g. (1 - 0.35) * 10 = 6.499999... counts as the half it means.
+  # Round to 9 decimals first so that e.g. (1 - 0.9) * 5 = 0.4999999999999999 counts as the half it means.
   exact = round((1.0 - sparsity) * num_heads, 9)
   return min(num_heads, max(0, math.floor(exact + 0.5)))
 

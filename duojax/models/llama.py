@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from duojax.config import DuoSpec, LlamaConfig
+from duojax.kernels.dispatch import prefill_attention
 from duojax.models.dense import PARAM_NAMES, dense
 from duojax.models.rope import apply_rope, rope_inv_freq
 
@@ -65,10 +66,10 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
   """GQA attention with RoPE; KV heads ``[0, num_full)`` retrieval, the rest streaming."""
 
-  def __init__(self, config: LlamaConfig, num_full: int, *, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, full: tuple[bool, ...], *, param_dtype, rngs: nnx.Rngs):
     c = config
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    self.num_full = num_full
+    self.full = tuple(full)
     self.q = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, use_bias=c.attention_bias,
                     param_dtype=param_dtype, rngs=rngs)
     self.k = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, use_bias=c.attention_bias,
@@ -88,11 +89,10 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     if layer_cache is None:
-      from duojax.kernels.dispatch import prefill_attention
-      out = prefill_attention(q, k, v, num_full_kv_heads=self.num_full, sink=sink, window=window, impl=impl)
+      out = prefill_attention(q, k, v, full=self.full, sink=sink, window=window, impl=impl)
       new_cache = None
     else:
-      out, new_cache = cache_step(q, k, v, layer_cache, num_full=self.num_full)
+      out, new_cache = cache_step(q, k, v, layer_cache, full=self.full)
     out = out.reshape(B, S, self.num_heads * self.head_dim)
     return self.o(out), new_cache
 
@@ -109,9 +109,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, config: LlamaConfig, num_full: int, *, param_dtype, rngs):
+  def __init__(self, config: LlamaConfig, full: tuple[bool, ...], *, param_dtype, rngs):
     self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
-    self.attn = Attention(config, num_full, param_dtype=param_dtype, rngs=rngs)
+    self.attn = Attention(config, full, param_dtype=param_dtype, rngs=rngs)
     self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
     self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
@@ -142,7 +142,7 @@ class Llama(nnx.Module):
     c = config
     self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.vocab_size, c.hidden_size),
                                                          param_dtype))
-    self.layers = nnx.List([DecoderLayer(c, duo.num_full[i], param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(c, duo.full[i], param_dtype=param_dtype, rngs=rngs)
                             for i in range(c.num_hidden_layers)])
     self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
     if not c.tie_word_embeddings:

@@ -1,0 +1,274 @@
+"""Pallas Mosaic-GPU (Hopper, sm_90) decode kernels for the duo KV cache.
+
+Split-K flash-decoding. One CTA (one warpgroup) handles one (sequence, KV head, split): the G query heads of
+the KV head's GQA group are folded into the 64 rows of a wgmma tile (rows G..63 are zero padding), so every
+K/V byte is read from device memory once for the whole group. K/V tiles of ``block_kv`` rows go through a
+``num_stages``-deep ring of shared-memory slots filled by TMA (one barrier per slot); the CTA issues the copy
+for step ``j + num_stages`` as soon as step ``j`` has consumed its slot. Scores are computed by wgmma
+(``Q [64, D] @ K^T``), softmax is online in base 2 and float32, ``P @ V`` is a second wgmma. Each split
+writes a normalised partial output ``[64, D]`` (float32) and its base-2 log-sum-exp; a small XLA combine
+merges the splits.
+
+Per-sequence lengths: a split whose range starts past ``lengths[b]`` reads nothing; the last block of a
+sequence is masked by column index. Streaming heads run the same kernel over the ``R = sink + window`` ring
+slots with an additive float32 bias per slot (0 where visible, -1e30 where not) computed in XLA from
+``ring_pos``.
+
+``fast=True`` (GPU) keeps P in registers (register-operand wgmma) and the PV accumulator in place
+(``pl.run_state``); ``fast=False`` stages P through shared memory and adds a fresh PV accumulator per step,
+which is what the CPU interpreter (``interpret=plgpu.InterpretGPUParams()``) can run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+__all__ = ["DecodeConfig", "decode_partials", "combine_partials", "pick_config"]
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+NEG = -1e30  # finite "minus infinity" used inside the kernel (no inf - inf = nan)
+ROWS = 64  # wgmma M: the GQA group's query heads padded to this many rows
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  block_kv: int = 128
+  num_stages: int = 3
+  blocks_per_split: int | None = None  # None: chosen from the device's SM count
+  ctas_per_sm: int = 1
+
+
+def _num_sms() -> int:
+  try:
+    d = jax.devices()[0]
+    n = getattr(d, "core_count", None)
+    if n:
+      return int(n)
+  except Exception:  # pragma: no cover
+    pass
+  return 132
+
+
+def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, num_stages: int | None = None,
+                ctas_per_sm: int | None = None, min_blocks_per_split: int = 4) -> DecodeConfig:
+  """A config for a cache of S positions, head_dim D and n_units = B * KV heads (CTAs before splitting)."""
+  if block_kv is None:
+    block_kv = 128 if D <= 128 else 64
+  block_kv = min(block_kv, max(64, S))
+  if num_stages is None:
+    num_stages = 3 if D <= 128 else 2
+  if ctas_per_sm is None:
+    ctas_per_sm = 1
+  nblocks = -(-S // block_kv)
+  target = max(1, _num_sms() * ctas_per_sm)
+  splits = max(1, min(nblocks // max(1, min_blocks_per_split), -(-target // max(1, n_units))))
+  splits = max(1, splits)
+  bps = -(-nblocks // splits)
+  return DecodeConfig(block_kv=block_kv, num_stages=num_stages, blocks_per_split=bps, ctas_per_sm=ctas_per_sm)
+
+
+def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, scratch, *, S, D, dtype,
+                        block_kv, num_stages, blocks_per_split, scale_log2, fast, has_len, has_bias):
+  (q_smem, k_smem, v_smem, p_smem, bias_smem, o_smem, lse_smem), (q_bar, k_bar, v_bar, b_bar) = scratch
+  bk = block_kv
+  b = lax.axis_index("b")
+  h = lax.axis_index("h")
+  sp = lax.axis_index("s")
+
+  if has_len:
+    length = jnp.minimum(len_ref[b], jnp.int32(S))
+  else:
+    length = jnp.int32(S)
+  start_blk = sp * blocks_per_split
+  nblk_total = lax.div(length + (bk - 1), jnp.int32(bk))
+  n = jnp.clip(nblk_total - start_blk, 0, blocks_per_split)
+
+  def issue(step, slot):
+    row0 = (start_blk + step) * bk
+    idx = (b, pl.ds(row0, bk), h)
+    plgpu.copy_gmem_to_smem(k_ref.at[idx], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[idx], v_smem.at[slot], v_bar.at[slot])
+    if has_bias:
+      plgpu.copy_gmem_to_smem(bias_ref.at[b, pl.ds(row0, bk)], bias_smem.at[slot], b_bar.at[slot])
+
+  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
+  for i in range(num_stages):
+    @pl.when(i < n)
+    def _prologue():
+      issue(i, i)
+  plgpu.barrier_wait(q_bar.at[0])
+
+  m0 = plgpu.layout_cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+  l0 = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+  acc0 = plgpu.layout_cast(jnp.full((ROWS, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+  def step(j, carry, *, masked):
+    acc, m_i, l_i = carry
+    slot = lax.rem(j, jnp.int32(num_stages))
+    plgpu.barrier_wait(k_bar.at[slot])
+
+    def compute_qk(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+      return acc_ref[...]
+
+    s = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, bk), jnp.float32))
+    s = s * scale_log2
+    if masked:
+      cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+      s = jnp.where(cols + (start_blk + j) * bk < length, s, NEG)
+    if has_bias:
+      plgpu.barrier_wait(b_bar.at[slot])
+      bias = plgpu.load(bias_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+      s = s + lax.broadcast_in_dim(bias, (ROWS, bk), [1])
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (ROWS, bk), [0]))
+    l_i = l_i * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, (ROWS, D), [0])
+    p16 = p.astype(dtype)
+    plgpu.barrier_wait(v_bar.at[slot])
+    if fast:
+      def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+      acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+    else:
+      p_smem[...] = p16
+      plgpu.commit_smem()
+
+      def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+        return acc_ref[...]
+
+      acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((ROWS, D), jnp.float32))
+
+    @pl.when(j + num_stages < n)
+    def _refill():
+      issue(j + num_stages, slot)
+
+    return acc, m_new, l_i
+
+  carry = (acc0, m0, l0)
+  if has_len:
+    # Only a sequence's last block can hold positions >= length; every other block runs unmasked.
+    last_partial = (n > 0) & ((start_blk + n) * bk > length)
+    n_unmasked = n - last_partial.astype(jnp.int32)
+    carry = lax.fori_loop(0, n_unmasked, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_unmasked, n, functools.partial(step, masked=True), carry)
+  else:
+    carry = lax.fori_loop(0, n, functools.partial(step, masked=False), carry)
+  acc, m_i, l_i = carry
+
+  empty = m_i < NEG * 0.5
+  l_safe = jnp.where(l_i > 0.0, l_i, 1.0)
+  inv = 1.0 / l_safe
+  o_smem[...] = acc * lax.broadcast_in_dim(inv, (ROWS, D), [0])
+  lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log(l_safe) * (1.0 / LN2))
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, sp])
+  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, sp])
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "fast", "interpret"))
+def decode_partials(qp, k, v, lengths, bias, *, config: DecodeConfig, scale: float, fast: bool = True,
+                    interpret: bool = False):
+  """Partial split-K decode.
+
+  Args:
+    qp: ``[B, H, 64, D]`` query rows per KV head (the GQA group, zero-padded to 64 rows), bf16/fp16.
+    k, v: ``[B, S, H, D]`` cache, same dtype; ``S % block_kv == 0``.
+    lengths: ``[B]`` int32 number of valid positions (keys ``t < lengths[b]``), or None (all S).
+    bias: ``[B, S]`` float32 additive score bias (0 or -1e30), or None.
+
+  Returns:
+    ``o [B, H, splits, 64, D]`` float32 normalised per split and ``lse [B, H, splits, 64]`` float32 (base 2,
+    ``-inf`` for a split that saw nothing).
+  """
+  B, H, rows, D = qp.shape
+  S = k.shape[1]
+  assert rows == ROWS, qp.shape
+  bk = config.block_kv
+  assert S % bk == 0, (S, bk)
+  nblocks = S // bk
+  bps = config.blocks_per_split or nblocks
+  splits = -(-nblocks // bps)
+  stages = max(1, min(config.num_stages, bps))
+  dtype = qp.dtype
+  has_len = lengths is not None
+  has_bias = bias is not None
+
+  tiling = plgpu.TilingTransform((8, 64))
+  swizzle = plgpu.SwizzleTransform(128)
+  scratch = (
+      (
+          plgpu.SMEM((ROWS, D), dtype, transforms=(tiling, swizzle)),
+          plgpu.SMEM((stages, bk, D), dtype, transforms=(tiling, swizzle)),
+          plgpu.SMEM((stages, bk, D), dtype, transforms=(tiling, swizzle)),
+          None if fast else plgpu.SMEM((ROWS, bk), dtype, transforms=(tiling, swizzle)),
+          plgpu.SMEM((stages, bk), jnp.float32) if has_bias else None,
+          plgpu.SMEM((ROWS, D), jnp.float32),
+          plgpu.SMEM((ROWS,), jnp.float32),
+      ),
+      (
+          plgpu.Barrier(num_barriers=1),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages) if has_bias else None,
+      ),
+  )
+  body = functools.partial(
+      _decode_kernel_body, S=S, D=D, dtype=dtype, block_kv=bk, num_stages=stages, blocks_per_split=bps,
+      scale_log2=float(scale) * LOG2E, fast=fast, has_len=has_len, has_bias=has_bias)
+
+  def entry(*refs):
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    rest = refs[3:]
+    len_ref = rest.pop(0) if has_len else None
+    bias_ref = rest.pop(0) if has_bias else None
+    o_ref, lse_ref, scr = rest[0], rest[1], rest[2:]
+    body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, scr)
+
+  out_type = (jax.ShapeDtypeStruct((B, H, splits, ROWS, D), jnp.float32),
+              jax.ShapeDtypeStruct((B, H, splits, ROWS), jnp.float32))
+  kwargs = {}
+  if interpret:
+    kwargs["interpret"] = plgpu.InterpretGPUParams()
+  call = plgpu.kernel(
+      entry,
+      out_type=out_type,
+      scratch_types=scratch,
+      grid=(splits, H, B),
+      grid_names=("s", "h", "b"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      **kwargs,
+  )
+  args = [qp, k, v]
+  if has_len:
+    args.append(lengths.astype(jnp.int32))
+  if has_bias:
+    args.append(bias.astype(jnp.float32))
+  return call(*args)
+
+
+def combine_partials(o, lse2, G: int):
+  """Merges split partials: ``o [B, H, S, 64, D]``, ``lse2 [B, H, S, 64]`` (base 2) -> out ``[B, H, G, D]``
+  float32 and natural-log lse ``[B, H, G]`` (``-inf`` and out 0 where no split saw anything)."""
+  o = o[:, :, :, :G]
+  lse2 = lse2[:, :, :, :G]
+  m = jnp.max(lse2, axis=2, keepdims=True)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp2(lse2 - m_safe)  # 0 for empty splits
+  tot = jnp.sum(w, axis=2)
+  out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(tot > 0, tot, 1.0)[..., None]
+  lse = jnp.where(tot > 0, (m_safe[:, :, 0] + jnp.log2(jnp.where(tot > 0, tot, 1.0))) * LN2, -jnp.inf)
+  return out, lse
