@@ -148,7 +148,8 @@ class Llama(nnx.Module):
     if not c.tie_word_embeddings:
       self.lm_head = Linear(c.hidden_size, c.vocab_size, use_bias=False, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, tokens, positions=None, *, impl: str = "auto", cache=None, cache_step=None):
+  def __call__(self, tokens, positions=None, *, impl: str = "auto", cache=None, cache_step=None, logits_at=None):
+    """``tokens [B, S]`` -> logits ``[B, S, V]`` float32 (``[B, 1, V]`` at rows ``logits_at [B]`` if given)."""
     B, S = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -158,6 +159,8 @@ class Llama(nnx.Module):
       x, new = layer(x, positions, sink=self.duo.sink, window=self.duo.window, impl=impl,
                      layer_cache=None if cache is None else cache[i], cache_step=cache_step)
       new_caches.append(new)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
     x = self.final_norm(x)
     if self.config.tie_word_embeddings:
       logits = jnp.einsum("bsh,vh->bsv", x, self.embed[...].astype(self.dtype),
