@@ -26,7 +26,7 @@ from duojax.models.llama import Linear, Llama
 
 def model_params(model: Llama) -> dict:
   """The model's parameters as a plain nested dict (arrays shared, not copied)."""
-  return nnx.state(model, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _shapes(tree) -> dict:
@@ -46,7 +46,7 @@ def build_model(config: LlamaConfig, params: dict, duo: DuoSpec | None = None, *
     raise ValueError(f"parameters do not match the model config: {_first_difference(expected, got)}")
   cast = jax.tree.map(lambda x: jnp.asarray(x, model.dtype), params)
   state = nnx.state(model, nnx.Param)
-  state.replace_by_pure_dict(cast)
+  nnx.replace_by_pure_dict(state, cast)
   nnx.update(model, state)
   return model
 
