@@ -1,0 +1,90 @@
+"""Runs the GPU checks and benchmarks in one call on a Hopper machine; writes logs and JSON under $OUT.
+
+    PYTHONPATH=. python3 benchmarks/gpu_suite.py --stages model,prefill,decode,attention,efficiency
+
+Stages (each a subprocess; a failing stage is recorded and the next one runs):
+  model       SmolLM2 in bf16 through the Mosaic-GPU kernels vs the reference path on the same GPU, + the demo
+  prefill     benchmarks/gpu_prefill_check.py (float64 oracle, poisoned outputs)
+  decode      benchmarks/gpu_decode_check.py
+  attention   benchmarks/bench_attention.py (cuDNN, tokamax, XLA baselines in the same run)
+  decodebench benchmarks/bench_decode.py
+  efficiency  benchmarks/bench_efficiency.py for Llama-2-7B (25%) and Llama-3-8B (50%) shapes
+Everything the stages write lands in /tmp/duojax_results, packed into $OUT/results.tar.gz (the device tool
+returns at most 8 files), with a summary in $OUT/suite.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+EFFICIENCY = [
+    ["--model", "llama2-7b", "--ratios", "1.0,0.25", "--contexts", "16384,32768,65536,131072,196608",
+     "--decode-steps", "16", "--iters", "3", "--prefill-context", "131072", "--chunks", "32768", "--fit-check"],
+    ["--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts", "131072,262144,524288,786432",
+     "--decode-steps", "8", "--iters", "2", "--fit-check"],
+]
+
+
+def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
+  py = sys.executable
+  b = ROOT / "benchmarks"
+  if stage == "model":
+    return [[py, str(b / "gpu_model_check.py"), "--out", str(out)], [py, "-m", "duojax.demo"]]
+  if stage == "prefill":
+    return [[py, str(b / "gpu_prefill_check.py")]]
+  if stage == "decode":
+    return [[py, str(b / "gpu_decode_check.py")]]
+  if stage == "attention":
+    return [[py, str(b / "bench_attention.py"), "--out", str(out)]]
+  if stage == "decodebench":
+    return [[py, str(b / "bench_decode.py")]]
+  if stage == "efficiency":
+    return [[py, str(b / "bench_efficiency.py"), *args, "--out", str(out)] for args in EFFICIENCY]
+  raise SystemExit(f"unknown stage {stage!r}")
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--stages", default="model,prefill,decode,attention,efficiency")
+  ap.add_argument("--timeout", type=int, default=540, help="seconds for all stages together")
+  args = ap.parse_args(argv)
+  out_root = pathlib.Path(os.environ.get("OUT", "/tmp/duojax_out"))
+  out = pathlib.Path("/tmp/duojax_results")  # many files: packed into one tarball under $OUT
+  out.mkdir(parents=True, exist_ok=True)
+  env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OUT=str(out),
+             XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95"))
+  deadline = time.time() + args.timeout
+  summary = []
+  for stage in args.stages.split(","):
+    for cmd in stage_commands(stage, out):
+      left = deadline - time.time()
+      if left < 20:
+        summary.append({"stage": stage, "cmd": cmd[1:], "status": "skipped (suite time limit)"})
+        continue
+      log = out / f"{stage}_{len([s for s in summary if s['stage'] == stage])}.log"
+      t0 = time.time()
+      with open(log, "w") as f:
+        try:
+          rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=left).returncode
+        except subprocess.TimeoutExpired:
+          rc = "timeout"
+      summary.append({"stage": stage, "cmd": cmd[1:], "rc": rc, "seconds": round(time.time() - t0, 1),
+                      "log": log.name})
+      print(f"[{stage}] rc={rc} {time.time() - t0:.0f}s  {' '.join(cmd[1:3])}", flush=True)
+      print("".join(open(log).readlines()[-25:]), flush=True)
+  (out_root / "suite.json").write_text(json.dumps(summary, indent=1))
+  with tarfile.open(out_root / "results.tar.gz", "w:gz") as tar:
+    tar.add(out, arcname="results")
+
+
+if __name__ == "__main__":
+  main()
