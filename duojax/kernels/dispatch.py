@@ -27,7 +27,7 @@ def duo_attention_any(q, k, v, *, num_full_kv_heads: int, sink: int, window: int
                                    q_offset=q_offset)
   from duojax.kernels.attention import duo_attention  # Mosaic-GPU; imported only on Hopper
   return duo_attention(q, k, v, num_full_kv_heads=num_full_kv_heads, sink=sink, window=window,
-                       q_offset=q_offset, impl="pallas")
+                       q_offset=q_offset, impl=impl)  # "auto" lets float32 inputs fall back to the reference
 
 
 def prefill_attention(q, k, v, *, full: tuple[bool, ...], sink: int, window: int, q_offset=0,
