@@ -68,9 +68,9 @@ def check_decode_args(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, s
     if G > 64:
       raise ValueError(f"the decode kernel supports at most 64 query heads per KV head; got {G}")
     L = k_full.shape[1]
-    if nf and L % 64:
-      raise ValueError(f"the decode kernel needs the full-cache capacity L (k_full.shape[1]) to be a multiple "
-                       f"of 64; got {L}")
+    if nf and (L < 64 or L % 64):
+      raise ValueError(f"the decode kernel needs the full-cache capacity L (k_full.shape[1]) to be a positive "
+                       f"multiple of 64; got {L}")
   return nf, ns, G
 
 
@@ -97,16 +97,19 @@ def duo_decode_attention(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *
     impl: "auto" (the Pallas Mosaic-GPU kernel on Hopper, the pure-JAX reference elsewhere, warning once),
       "pallas" (raises off Hopper) or "reference".
     return_lse: also return the natural-log log-sum-exp ``[B, Hq]`` float32.
-    streaming_impl: for the kernel path, "kernel" (Pallas over the ring slots; needs ``R % 64 == 0``), "xla"
-      (plain JAX over the ring, which is small) or "auto" (the kernel when ``R % 64 == 0``).
+    streaming_impl: for the kernel path: "fused" (retrieval and streaming heads in one kernel launch; the
+      block size, 64 or 128 rows, must divide R), "kernel" (a second launch of the kernel over the ring slots;
+      needs ``R % 64 == 0``), "xla" (plain JAX over the ring, which is small) or "auto" ("fused" when the
+      retrieval block size divides R, e.g. sink 128 + window 256; else "kernel" when ``R % 64 == 0``; else
+      "xla"). A "fused" request that the block size does not allow runs as "kernel".
     interpret: run the Pallas kernels in Mosaic-GPU CPU interpret mode (testing; overrides ``impl``).
     config: optional ``decode_mgpu.DecodeConfig`` for the retrieval kernel (tuning).
 
   Returns:
     ``out`` ``[B, Hq, D]`` in ``q.dtype`` (and ``lse`` if ``return_lse``). A row that sees nothing gets 0.
   """
-  if streaming_impl not in ("auto", "kernel", "xla"):
-    raise ValueError(f"streaming_impl must be one of ('auto', 'kernel', 'xla'); got {streaming_impl!r}")
+  if streaming_impl not in ("auto", "fused", "kernel", "xla"):
+    raise ValueError(f"streaming_impl must be one of ('auto', 'fused', 'kernel', 'xla'); got {streaming_impl!r}")
   path = "pallas" if interpret else resolve_impl(impl, "duo_decode_attention")
   nf, ns, G = check_decode_args(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, sink=sink,
                                 window=window, kernel=(path == "pallas"))
@@ -153,28 +156,45 @@ def _decode_pallas(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, sink
   qg = q.reshape(B, nf + ns, G, D)
   fast = not interpret
   outs, lses = [], []
+  R = k_ring.shape[1]
   if nf:
     L = k_full.shape[1]
     cfg = config
     if cfg is None:
-      cfg = decode_mgpu.pick_config(L, D, B * nf, block_kv=128 if (L % 128 == 0 and D <= 128) else 64)
-    o, l2 = decode_mgpu.decode_partials(_fold_queries(qg[:, :nf]), k_full, v_full, lengths, None, config=cfg,
-                                        scale=scale, fast=fast, interpret=interpret)
+      bk = 128 if (L % 128 == 0 and D <= 128) else 64
+      if streaming_impl == "fused" and ns and R % bk:
+        bk = 64
+      cfg = decode_mgpu.pick_config(L, D, B * nf, block_kv=bk)
+    # One launch for both kinds of heads when the block size divides the ring (measured on an H200 with a ring of
+    # 320: forcing 64-row blocks onto the retrieval heads cost about what the saved launch gained).
+    fused = ns > 0 and R % cfg.block_kv == 0 and streaming_impl in ("auto", "fused")
+    q_in = qg if (fast and cfg.unpadded_q) else None
+    if fused:
+      vis = decode_streaming_visible(ring_pos, lengths, sink=sink, window=window)
+      bias = jnp.where(vis, 0.0, decode_mgpu.NEG).astype(jnp.float32)
+      o, l2 = decode_mgpu.decode_partials_duo(qg if q_in is not None else _fold_queries(qg), k_full, v_full,
+                                              lengths, k_ring, v_ring, bias, config=cfg, scale=scale, fast=fast,
+                                              interpret=interpret)
+      out, lse = decode_mgpu.combine_partials(o, l2, G)
+      return out.reshape(B, Hq, D).astype(q.dtype), lse.reshape(B, Hq)
+    o, l2 = decode_mgpu.decode_partials(q_in if q_in is not None else _fold_queries(qg[:, :nf]), k_full, v_full,
+                                        lengths, None, config=cfg, scale=scale, fast=fast, interpret=interpret)
     o, lse = decode_mgpu.combine_partials(o, l2, G)
     outs.append(o)
     lses.append(lse)
   if ns:
-    R = k_ring.shape[1]
-    use_kernel = streaming_impl == "kernel" or (streaming_impl == "auto" and R % 64 == 0)
+    use_kernel = streaming_impl in ("kernel", "fused") or (streaming_impl == "auto" and R % 64 == 0)
     if use_kernel and R % 64:
-      raise ValueError(f"streaming_impl='kernel' needs sink + window to be a multiple of 64; got {R}")
+      raise ValueError(f"streaming_impl={streaming_impl!r} needs sink + window to be a multiple of 64; got {R}")
     vis = decode_streaming_visible(ring_pos, lengths, sink=sink, window=window)
     if use_kernel:
       bias = jnp.where(vis, 0.0, decode_mgpu.NEG).astype(jnp.float32)
       cfg = decode_mgpu.DecodeConfig(block_kv=64, num_stages=min(3, R // 64) if D <= 128 else 2,
-                                     blocks_per_split=R // 64)
-      o, l2 = decode_mgpu.decode_partials(_fold_queries(qg[:, nf:]), k_ring, v_ring, None, bias, config=cfg,
-                                          scale=scale, fast=fast, interpret=interpret)
+                                     blocks_per_split=R // 64,
+                                     unpadded_q=config.unpadded_q if config is not None else True)
+      qk, off = (qg, nf) if (fast and cfg.unpadded_q) else (_fold_queries(qg[:, nf:]), 0)
+      o, l2 = decode_mgpu.decode_partials(qk, k_ring, v_ring, None, bias, config=cfg, scale=scale, fast=fast,
+                                          interpret=interpret, q_head_offset=off)
       o, lse = decode_mgpu.combine_partials(o, l2, G)
     else:
       o, lse = _attend_lowp(qg[:, nf:], k_ring, v_ring, vis, scale)

@@ -1,18 +1,19 @@
 """Pallas Mosaic-GPU (Hopper, sm_90) decode kernels for the duo KV cache.
 
-Split-K flash-decoding. One CTA (one warpgroup) handles one (sequence, KV head, split): the G query heads of
-the KV head's GQA group are folded into the 64 rows of a wgmma tile (rows G..63 are zero padding), so every
-K/V byte is read from device memory once for the whole group. K/V tiles of ``block_kv`` rows go through a
-``num_stages``-deep ring of shared-memory slots filled by TMA (one barrier per slot); the CTA issues the copy
-for step ``j + num_stages`` as soon as step ``j`` has consumed its slot. Scores are computed by wgmma
-(``Q [64, D] @ K^T``), softmax is online in base 2 and float32, ``P @ V`` is a second wgmma. Each split
-writes a normalised partial output ``[64, D]`` (float32) and its base-2 log-sum-exp; a small XLA combine
-merges the splits.
+Split-K flash-decoding. One CTA (one warpgroup) handles one (sequence, KV head, split). The G query heads of
+the KV head's GQA group are the rows of one 64-row wgmma tile: on the GPU the G rows are read straight from
+``q`` and the copy engine zero-fills the rest of the 64-row box; in interpret mode q is zero-padded by XLA.
+So every K/V byte is read from device memory once for the whole group. K/V tiles of ``block_kv`` rows go
+through a ``num_stages``-deep ring of shared-memory slots filled by TMA (one barrier per slot); the CTA
+issues the copy for step ``j + num_stages`` as soon as step ``j`` has consumed its slot. Scores are a wgmma
+(``Q [64, D] @ K^T``), the softmax is online, base 2, float32, and ``P @ V`` is a second wgmma. Each split
+writes a normalised partial output (q.dtype, staged through the query's SMEM slot, trimmed to the group's
+rows rounded up to 8) and its base-2 log-sum-exp; a small XLA combine (``combine_partials``) merges them.
 
-Per-sequence lengths: a split whose range starts past ``lengths[b]`` reads nothing; the last block of a
-sequence is masked by column index. Streaming heads run the same kernel over the ``R = sink + window`` ring
+Per-sequence lengths: a split whose range starts past ``lengths[b]`` reads nothing; only a sequence's last
+block is masked (by column index). Streaming heads run the same body over the ``R = sink + window`` ring
 slots with an additive float32 bias per slot (0 where visible, -1e30 where not) computed in XLA from
-``ring_pos``.
+``ring_pos``; ``decode_partials_duo`` runs both kinds of heads in one launch.
 
 ``fast=True`` (GPU) keeps P in registers (register-operand wgmma) and the PV accumulator in place
 (``pl.run_state``); ``fast=False`` stages P through shared memory and adds a fresh PV accumulator per step,
@@ -31,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-__all__ = ["DecodeConfig", "decode_partials", "combine_partials", "pick_config"]
+__all__ = ["DecodeConfig", "decode_partials", "decode_partials_duo", "combine_partials", "pick_config"]
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -45,6 +46,9 @@ class DecodeConfig:
   num_stages: int = 3
   blocks_per_split: int | None = None  # None: chosen from the device's SM count
   ctas_per_sm: int = 1
+  p_via_smem: bool = False  # stage P through SMEM even on GPU (the interpret-mode formulation)
+  unpadded_q: bool = True  # GPU: read the GQA group's G query rows straight from q (TMA zero-fills to 64)
+  trim_output: bool = True  # with an unpadded q: write only the group's rows (rounded up to 8) per split
 
 
 def _num_sms() -> int:
@@ -59,38 +63,76 @@ def _num_sms() -> int:
 
 
 def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, num_stages: int | None = None,
-                ctas_per_sm: int | None = None, min_blocks_per_split: int = 4) -> DecodeConfig:
+                ctas_per_sm: int | None = None, min_blocks_per_split: int = 4,
+                p_via_smem: bool = False, unpadded_q: bool = True) -> DecodeConfig:
   """A config for a cache of S positions, head_dim D and n_units = B * KV heads (CTAs before splitting)."""
   if block_kv is None:
     block_kv = 128 if D <= 128 else 64
   block_kv = min(block_kv, max(64, S))
-  if num_stages is None:
-    num_stages = 3 if D <= 128 else 2
+  if num_stages is None:  # about 128 KiB of K/V in flight per SM (measured on an H200: 2 stages of 128 rows at D=128)
+    num_stages = max(2, min(4, (128 * 1024) // (2 * block_kv * D * 2)))
   if ctas_per_sm is None:
     ctas_per_sm = 1
   nblocks = -(-S // block_kv)
   target = max(1, _num_sms() * ctas_per_sm)
-  splits = max(1, min(nblocks // max(1, min_blocks_per_split), -(-target // max(1, n_units))))
-  splits = max(1, splits)
+  # floor: a second, partial wave of CTAs would cost as much as a full one
+  splits = max(1, min(nblocks // max(1, min_blocks_per_split), target // max(1, n_units)))
   bps = -(-nblocks // splits)
-  return DecodeConfig(block_kv=block_kv, num_stages=num_stages, blocks_per_split=bps, ctas_per_sm=ctas_per_sm)
+  return DecodeConfig(block_kv=block_kv, num_stages=num_stages, blocks_per_split=bps, ctas_per_sm=ctas_per_sm,
+                      p_via_smem=p_via_smem, unpadded_q=unpadded_q)
 
 
-def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, scratch, *, S, D, dtype,
-                        block_kv, num_stages, blocks_per_split, scale_log2, fast, has_len, has_bias):
-  (q_smem, k_smem, v_smem, p_smem, bias_smem, o_smem, lse_smem), (q_bar, k_bar, v_bar, b_bar) = scratch
-  bk = block_kv
+def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, scratch, *, S, block_kv,
+                        blocks_per_split, has_len, q_head_offset, **kw):
+  """One (sequence, KV head, split) of a single cache (retrieval, or the ring with a bias)."""
+  b = lax.axis_index("b")
+  h = lax.axis_index("h")
+  sp = lax.axis_index("s")
+  length = jnp.minimum(len_ref[b], jnp.int32(S)) if has_len else jnp.int32(S)
+  start_blk = sp * blocks_per_split
+  nblk_total = lax.div(length + (block_kv - 1), jnp.int32(block_kv))
+  n = jnp.clip(nblk_total - start_blk, 0, blocks_per_split)
+  _attend_split(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, scratch, b=b, kv_head=h, q_head=h + q_head_offset,
+                out_head=h, sp=sp, start_blk=start_blk, n=n, length=length if has_len else None,
+                block_kv=block_kv, **kw)
+
+
+def _duo_kernel_body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scratch, *, L, R,
+                     nf, block_kv, blocks_per_split, **kw):
+  """Both caches in one launch: heads h < nf split the full cache; heads h >= nf run the ring in split 0 (the
+  other splits of a streaming head write an empty partial)."""
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   sp = lax.axis_index("s")
 
-  if has_len:
-    length = jnp.minimum(len_ref[b], jnp.int32(S))
-  else:
-    length = jnp.int32(S)
-  start_blk = sp * blocks_per_split
-  nblk_total = lax.div(length + (bk - 1), jnp.int32(bk))
-  n = jnp.clip(nblk_total - start_blk, 0, blocks_per_split)
+  @pl.when(h < nf)
+  def _retrieval():
+    length = jnp.minimum(len_ref[b], jnp.int32(L))
+    start_blk = sp * blocks_per_split
+    nblk_total = lax.div(length + (block_kv - 1), jnp.int32(block_kv))
+    n = jnp.clip(nblk_total - start_blk, 0, blocks_per_split)
+    _attend_split(q_ref, kf_ref, vf_ref, None, o_ref, lse_ref, scratch, b=b, kv_head=h, q_head=h, out_head=h,
+                  sp=sp, start_blk=start_blk, n=n, length=length, block_kv=block_kv, **kw)
+
+  @pl.when(h >= nf)
+  def _streaming():
+    n = jnp.where(sp == 0, jnp.int32(R // block_kv), jnp.int32(0))
+    _attend_split(q_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scratch, b=b, kv_head=h - nf, q_head=h,
+                  out_head=h, sp=sp, start_blk=jnp.int32(0), n=n, length=None, block_kv=block_kv, **kw)
+
+
+def _attend_split(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, scratch, *, b, kv_head, q_head, out_head, sp,
+                  start_blk, n, length, D, dtype, block_kv, num_stages, scale_log2, fast, q_rows, out_rows):
+  """Online-softmax attention of one query group over blocks [start_blk, start_blk + n) of one KV head.
+
+  ``length`` (traced) masks positions >= length (None: no length mask); ``bias_ref`` (or None) adds a per-key
+  bias. Writes the normalised partial output and base-2 lse to ``o_ref/lse_ref[b, out_head, sp]``.
+  """
+  (q_smem, k_smem, v_smem, p_smem, bias_smem, lse_smem), (q_bar, k_bar, v_bar, b_bar) = scratch
+  bk = block_kv
+  has_len = length is not None
+  has_bias = bias_ref is not None
+  h = kv_head
 
   def issue(step, slot):
     row0 = (start_blk + step) * bk
@@ -100,7 +142,13 @@ def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, 
     if has_bias:
       plgpu.copy_gmem_to_smem(bias_ref.at[b, pl.ds(row0, bk)], bias_smem.at[slot], b_bar.at[slot])
 
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar.at[0])
+  if q_rows == ROWS:
+    plgpu.copy_gmem_to_smem(q_ref.at[b, q_head], q_smem, q_bar.at[0])
+  else:
+    # Unpadded group of q_rows < 64 query heads: the 64-row TMA box runs past the group's axis and the copy
+    # engine zero-fills the out-of-bounds rows (were dims ever merged, they would hold other heads' queries,
+    # which is as harmless: rows are independent in both matmuls and only the first q_rows are kept).
+    plgpu.copy_gmem_to_smem(q_ref.at[b, q_head, pl.ds(0, ROWS)], q_smem, q_bar.at[0])
   for i in range(num_stages):
     @pl.when(i < n)
     def _prologue():
@@ -170,64 +218,56 @@ def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, 
   empty = m_i < NEG * 0.5
   l_safe = jnp.where(l_i > 0.0, l_i, 1.0)
   inv = 1.0 / l_safe
-  o_smem[...] = acc * lax.broadcast_in_dim(inv, (ROWS, D), [0])
+  # The queries are no longer needed: their slot stages the output (q.dtype), as in jax's FA3 kernel.
+  q_smem[...] = (acc * lax.broadcast_in_dim(inv, (ROWS, D), [0])).astype(dtype)
   lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log(l_safe) * (1.0 / LN2))
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, sp])
-  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, sp])
+  if out_rows == ROWS:
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, out_head, sp])
+  else:
+    plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, out_rows)], o_ref.at[b, out_head, sp])
+  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, out_head, sp])
   plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "fast", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "scale", "fast", "interpret", "q_head_offset"))
 def decode_partials(qp, k, v, lengths, bias, *, config: DecodeConfig, scale: float, fast: bool = True,
-                    interpret: bool = False):
+                    interpret: bool = False, q_head_offset: int = 0):
   """Partial split-K decode.
 
   Args:
-    qp: ``[B, H, 64, D]`` query rows per KV head (the GQA group, zero-padded to 64 rows), bf16/fp16.
+    qp: ``[B, Hq', Gq, D]`` query rows per KV head: the GQA group, either zero-padded to ``Gq = 64`` rows or
+      (GPU only) unpadded, ``Gq = G < 64``, the copy engine zero-filling the rest; KV head ``h`` reads
+      ``qp[:, h + q_head_offset]``. bf16/fp16.
     k, v: ``[B, S, H, D]`` cache, same dtype; ``S % block_kv == 0``.
     lengths: ``[B]`` int32 number of valid positions (keys ``t < lengths[b]``), or None (all S).
     bias: ``[B, S]`` float32 additive score bias (0 or -1e30), or None.
 
   Returns:
-    ``o [B, H, splits, 64, D]`` float32 normalised per split and ``lse [B, H, splits, 64]`` float32 (base 2,
+    ``o [B, H, splits, 64, D]`` (q.dtype) normalised per split and ``lse [B, H, splits, 64]`` float32 (base 2,
     ``-inf`` for a split that saw nothing).
   """
-  B, H, rows, D = qp.shape
-  S = k.shape[1]
-  assert rows == ROWS, qp.shape
+  B, _, q_rows, D = qp.shape
+  S, H = k.shape[1], k.shape[2]
+  assert qp.shape[1] >= H + q_head_offset, (qp.shape, k.shape, q_head_offset)
+  assert q_rows == ROWS or (q_rows < ROWS and not interpret), qp.shape
+  out_rows = ROWS if (q_rows == ROWS or not config.trim_output) else min(ROWS, -(-q_rows // 8) * 8)
   bk = config.block_kv
   assert S % bk == 0, (S, bk)
   nblocks = S // bk
   bps = config.blocks_per_split or nblocks
   splits = -(-nblocks // bps)
   stages = max(1, min(config.num_stages, bps))
+  fast = fast and not config.p_via_smem
   dtype = qp.dtype
   has_len = lengths is not None
   has_bias = bias is not None
 
-  tiling = plgpu.TilingTransform((8, 64))
-  swizzle = plgpu.SwizzleTransform(128)
-  scratch = (
-      (
-          plgpu.SMEM((ROWS, D), dtype, transforms=(tiling, swizzle)),
-          plgpu.SMEM((stages, bk, D), dtype, transforms=(tiling, swizzle)),
-          plgpu.SMEM((stages, bk, D), dtype, transforms=(tiling, swizzle)),
-          None if fast else plgpu.SMEM((ROWS, bk), dtype, transforms=(tiling, swizzle)),
-          plgpu.SMEM((stages, bk), jnp.float32) if has_bias else None,
-          plgpu.SMEM((ROWS, D), jnp.float32),
-          plgpu.SMEM((ROWS,), jnp.float32),
-      ),
-      (
-          plgpu.Barrier(num_barriers=1),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages) if has_bias else None,
-      ),
-  )
+  scratch = _scratch_types(D, dtype, stages, bk, fast, has_bias)
   body = functools.partial(
       _decode_kernel_body, S=S, D=D, dtype=dtype, block_kv=bk, num_stages=stages, blocks_per_split=bps,
-      scale_log2=float(scale) * LOG2E, fast=fast, has_len=has_len, has_bias=has_bias)
+      scale_log2=float(scale) * LOG2E, fast=fast, has_len=has_len, q_rows=q_rows, out_rows=out_rows,
+      q_head_offset=q_head_offset)
 
   def entry(*refs):
     refs = list(refs)
@@ -238,7 +278,7 @@ def decode_partials(qp, k, v, lengths, bias, *, config: DecodeConfig, scale: flo
     o_ref, lse_ref, scr = rest[0], rest[1], rest[2:]
     body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, scr)
 
-  out_type = (jax.ShapeDtypeStruct((B, H, splits, ROWS, D), jnp.float32),
+  out_type = (jax.ShapeDtypeStruct((B, H, splits, out_rows, D), dtype),
               jax.ShapeDtypeStruct((B, H, splits, ROWS), jnp.float32))
   kwargs = {}
   if interpret:
@@ -260,6 +300,73 @@ def decode_partials(qp, k, v, lengths, bias, *, config: DecodeConfig, scale: flo
   return call(*args)
 
 
+def _scratch_types(D, dtype, stages, bk, fast, has_bias):
+  tiling = plgpu.TilingTransform((8, 64))
+  swizzle = plgpu.SwizzleTransform(128)
+  return (
+      (
+          plgpu.SMEM((ROWS, D), dtype, transforms=(tiling, swizzle)),
+          plgpu.SMEM((stages, bk, D), dtype, transforms=(tiling, swizzle)),
+          plgpu.SMEM((stages, bk, D), dtype, transforms=(tiling, swizzle)),
+          None if fast else plgpu.SMEM((ROWS, bk), dtype, transforms=(tiling, swizzle)),
+          plgpu.SMEM((stages, bk), jnp.float32) if has_bias else None,
+          plgpu.SMEM((ROWS,), jnp.float32),
+      ),
+      (
+          plgpu.Barrier(num_barriers=1),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages) if has_bias else None,
+      ),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "fast", "interpret"))
+def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, config: DecodeConfig, scale: float,
+                        fast: bool = True, interpret: bool = False):
+  """Retrieval and streaming heads in ONE launch (grid ``(splits, nf + ns, B)``).
+
+  Args:
+    qp: ``[B, nf + ns, Gq, D]`` (Gq = 64 zero-padded, or, GPU only, the unpadded group G < 64).
+    k_full, v_full: ``[B, L, nf, D]``; lengths ``[B]`` int32.
+    k_ring, v_ring: ``[B, R, ns, D]``; bias ``[B, R]`` float32 (0 visible, -1e30 not).
+    config: ``block_kv`` must divide both L and R; ``blocks_per_split`` splits the full cache.
+
+  Returns:
+    ``o [B, nf + ns, splits, rows, D]``, ``lse [B, nf + ns, splits, 64]`` (base 2) as ``decode_partials``; a
+    streaming head's result is in split 0, its other splits are empty (lse ``-inf``).
+  """
+  B, H, q_rows, D = qp.shape
+  L, nf = k_full.shape[1], k_full.shape[2]
+  R, ns = k_ring.shape[1], k_ring.shape[2]
+  assert H == nf + ns and nf > 0 and ns > 0, (qp.shape, k_full.shape, k_ring.shape)
+  assert q_rows == ROWS or (q_rows < ROWS and not interpret), qp.shape
+  out_rows = ROWS if (q_rows == ROWS or not config.trim_output) else min(ROWS, -(-q_rows // 8) * 8)
+  bk = config.block_kv
+  assert L % bk == 0 and R % bk == 0, (L, R, bk)
+  nblocks = L // bk
+  bps = config.blocks_per_split or nblocks
+  splits = -(-nblocks // bps)
+  stages = max(1, min(config.num_stages, max(bps, R // bk)))
+  fast = fast and not config.p_via_smem
+  dtype = qp.dtype
+  scratch = _scratch_types(D, dtype, stages, bk, fast, True)
+  body = functools.partial(
+      _duo_kernel_body, L=L, R=R, nf=nf, D=D, dtype=dtype, block_kv=bk, num_stages=stages, blocks_per_split=bps,
+      scale_log2=float(scale) * LOG2E, fast=fast, q_rows=q_rows, out_rows=out_rows)
+
+  def entry(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, *scr):
+    body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scr)
+
+  out_type = (jax.ShapeDtypeStruct((B, H, splits, out_rows, D), dtype),
+              jax.ShapeDtypeStruct((B, H, splits, ROWS), jnp.float32))
+  kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+  call = plgpu.kernel(
+      entry, out_type=out_type, scratch_types=scratch, grid=(splits, H, B), grid_names=("s", "h", "b"),
+      compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)
+  return call(qp, k_full, v_full, lengths.astype(jnp.int32), k_ring, v_ring, bias.astype(jnp.float32))
+
+
 def combine_partials(o, lse2, G: int):
   """Merges split partials: ``o [B, H, S, 64, D]``, ``lse2 [B, H, S, 64]`` (base 2) -> out ``[B, H, G, D]``
   float32 and natural-log lse ``[B, H, G]`` (``-inf`` and out 0 where no split saw anything)."""
@@ -269,6 +376,6 @@ def combine_partials(o, lse2, G: int):
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
   w = jnp.exp2(lse2 - m_safe)  # 0 for empty splits
   tot = jnp.sum(w, axis=2)
-  out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(tot > 0, tot, 1.0)[..., None]
+  out = jnp.sum(w[..., None] * o.astype(jnp.float32), axis=2) / jnp.where(tot > 0, tot, 1.0)[..., None]
   lse = jnp.where(tot > 0, (m_safe[:, :, 0] + jnp.log2(jnp.where(tot > 0, tot, 1.0))) * LN2, -jnp.inf)
   return out, lse

@@ -1,0 +1,139 @@
+"""GPU correctness of the duo decode kernel against a float64 NumPy oracle (needs a Hopper GPU).
+
+Run: PYTHONPATH=. python benchmarks/gpu_decode_check.py
+Fresh random inputs per case; before each kernel run a large NaN-filled buffer is allocated and freed so the
+allocator hands its memory to the kernel's outputs (unwritten elements would show up as NaN). Pass: every output
+finite and rel L2 error <= 1e-2 against the oracle. Exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from duojax.kernels import duo_decode_attention
+from duojax.kernels.decode_mgpu import DecodeConfig
+
+
+def _slot(t, sink, window):
+  return t if t < sink else sink + (t - sink) % window
+
+
+def make_case(rng, B, L, nf, ns, G, D, sink, window, lengths, dtype):
+  H = nf + ns
+  q = rng.standard_normal((B, H * G, D)).astype(np.float32)
+  k = rng.standard_normal((B, L, H, D)).astype(np.float32)
+  v = rng.standard_normal((B, L, H, D)).astype(np.float32)
+  q, k, v = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v))
+  R = sink + window
+  k_ring = np.zeros((B, R, ns, D), np.float32)
+  v_ring = np.zeros((B, R, ns, D), np.float32)
+  ring_pos = -np.ones((B, R), np.int32)
+  k_full = k[:, :, :nf].copy()
+  v_full = v[:, :, :nf].copy()
+  for b in range(B):
+    k_full[b, lengths[b]:] = 50.0   # garbage past the length must not count
+    v_full[b, lengths[b]:] = -300.0
+    ts = np.arange(lengths[b])
+    slots = np.where(ts < sink, ts, sink + (ts - sink) % max(window, 1))
+    # later positions overwrite earlier ones in the same slot: keep the last write per slot
+    for s_ in np.unique(slots):
+      t = ts[slots == s_].max()
+      k_ring[b, s_] = k[b, t, nf:]
+      v_ring[b, s_] = v[b, t, nf:]
+      ring_pos[b, s_] = t
+  inputs = dict(q=jnp.asarray(q, dtype), k_full=jnp.asarray(k_full, dtype), v_full=jnp.asarray(v_full, dtype),
+                lengths=jnp.asarray(lengths, jnp.int32), k_ring=jnp.asarray(k_ring, dtype),
+                v_ring=jnp.asarray(v_ring, dtype), ring_pos=jnp.asarray(ring_pos))
+  return inputs, q, k, v
+
+
+def oracle(q, k, v, lengths, nf, G, sink, window):
+  B, Hq, D = q.shape
+  out = np.zeros((B, Hq, D))
+  scale = 1.0 / math.sqrt(D)
+  for b in range(B):
+    p = lengths[b] - 1
+    t = np.arange(k.shape[1])
+    for h in range(Hq):
+      kv = h // G
+      vis = t <= p
+      if kv >= nf:
+        vis &= (t < sink) | (t > p - window)
+      if not vis.any():
+        continue
+      s = (k[b, vis, kv].astype(np.float64) @ q[b, h].astype(np.float64)) * scale
+      w = np.exp(s - s.max())
+      out[b, h] = w @ v[b, vis, kv].astype(np.float64) / w.sum()
+  return out
+
+
+def poison():
+  x = jnp.full((64 * 1024 * 1024,), jnp.nan, jnp.float32)  # 256 MiB
+  x.block_until_ready()
+  del x
+
+
+CASES = [
+    # B, L, nf, ns, G, D, sink, window, lengths, dtype, streaming_impl, config
+    (2, 4096, 2, 2, 4, 128, 64, 256, [4096, 1000], jnp.bfloat16, "auto", None),      # fused launch, bk 64
+    (2, 8192, 2, 2, 4, 128, 128, 256, [8192, 3000], jnp.bfloat16, "auto", None),     # fused launch, bk 128
+    (2, 4096, 2, 2, 4, 128, 64, 256, [4096, 1000], jnp.bfloat16, "kernel", None),    # separate ring launch
+    (2, 4096, 2, 2, 4, 128, 64, 256, [4096, 1000], jnp.bfloat16, "xla", None),
+    (2, 8192, 4, 0, 1, 128, 64, 256, [8192, 77], jnp.bfloat16, "auto", None),
+    (1, 8192, 0, 4, 3, 128, 128, 256, [5000], jnp.bfloat16, "auto", None),
+    (2, 4096, 2, 2, 4, 64, 64, 256, [3000, 4096], jnp.bfloat16, "auto", None),
+    (2, 4096, 2, 2, 4, 256, 64, 256, [3000, 130], jnp.bfloat16, "auto", None),
+    (2, 4096, 2, 2, 3, 128, 64, 256, [4096, 300], jnp.float16, "auto", None),
+    (1, 16384, 2, 1, 8, 128, 64, 256, [16000], jnp.bfloat16, "auto", DecodeConfig(64, 4, 8)),
+    (1, 16384, 2, 1, 8, 128, 64, 256, [16000], jnp.bfloat16, "auto", DecodeConfig(64, 2, 8)),
+    (1, 16384, 2, 1, 8, 128, 64, 256, [16000], jnp.bfloat16, "auto", DecodeConfig(128, 2, 8)),
+    (2, 4096, 2, 2, 4, 128, 64, 256, [4096, 1000], jnp.bfloat16, "kernel", DecodeConfig(128, 2, 4,
+                                                                                         p_via_smem=True)),
+    (2, 4096, 2, 2, 4, 128, 64, 256, [4096, 1000], jnp.bfloat16, "auto", DecodeConfig(64, 2, 4,
+                                                                                       unpadded_q=False)),
+    (2, 4096, 1, 1, 16, 64, 64, 256, [4096, 2000], jnp.bfloat16, "auto", None),
+    (1, 2048, 1, 1, 64, 64, 64, 256, [1500], jnp.bfloat16, "kernel", None),
+    (1, 8192, 8, 0, 8, 128, 64, 256, [8000], jnp.float16, "auto", DecodeConfig(64, 2, 8)),
+]
+
+
+def main() -> int:
+  print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
+  rng = np.random.default_rng(int(time.time()))
+  failures = 0
+  for (B, L, nf, ns, G, D, sink, window, lengths, dtype, simpl, cfg) in CASES:
+    name = (f"B{B} L{L} nf{nf} ns{ns} G{G} D{D} {jnp.dtype(dtype).name} lengths={lengths} streaming={simpl}"
+            f" cfg={cfg}")
+    try:
+      inputs, q, k, v = make_case(rng, B, L, nf, ns, G, D, sink, window, lengths, dtype)
+      ref = oracle(q, k, v, lengths, nf, G, sink, window)
+      worst = 0.0
+      for _ in range(2):
+        poison()
+        out = duo_decode_attention(**inputs, sink=sink, window=window, impl="pallas", streaming_impl=simpl,
+                                   config=cfg)
+        out = np.asarray(out.astype(jnp.float32), np.float64)
+        if not np.isfinite(out).all():
+          raise AssertionError(f"{int((~np.isfinite(out)).sum())} non-finite outputs")
+        err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        worst = max(worst, err)
+      ok = worst <= 1e-2
+      failures += not ok
+      print(f"{'PASS' if ok else 'FAIL'} rel_l2={worst:.2e}  {name}", flush=True)
+    except Exception as e:  # noqa: BLE001
+      failures += 1
+      msg = str(e).strip().splitlines()
+      print(f"ERROR {name}: {type(e).__name__}: {' | '.join(msg[:3])[:600]}", flush=True)
+  print(f"gpu_decode_check: {len(CASES) - failures}/{len(CASES)} passed", flush=True)
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
