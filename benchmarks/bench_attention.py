@@ -1,0 +1,264 @@
+"""Prefill attention latency: duojax (full, streaming, duo mix) vs cuDNN, tokamax and the XLA reference.
+
+Options follow Light-DuoAttention's benchmark (batch sizes, sequence lengths, heads, head_dim, recent/sink sizes,
+warm-up and timed iterations) plus ``--full-ratio`` (retrieval-head share of the duo mix), ``--configs``
+(duojax block configs to sweep, ``BQxBKVxSTAGES``) and ``--out``. One run times everything on the same GPU.
+
+Timing: a jitted function is called back to back ``--inner`` times, then ``block_until_ready``; the per-call
+time of that chunk is one sample; the reported time is the median of ``--num-iters`` samples (after
+``--num-warmup`` calls). Effective TFLOP/s = 4*S*K*H*D*B / t, K = S/2 for causal, K = sink + window for
+streaming (K = window for the sliding-window baselines); the duo mix counts its heads' shares.
+
+A failing baseline records its error string and the run goes on.
+
+Run (GPU machine, repo root; tokamax wheels and tokamax_env.sh copied into .whl/):
+  source .whl/tokamax_env.sh .whl; PYTHONPATH=. python3 benchmarks/bench_attention.py --seqlens 4096 16384 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from duojax.kernels.reference import duo_attention_reference  # noqa: E402
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+  p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 65536])
+  p.add_argument("--num-heads", type=int, default=32)
+  p.add_argument("--num-kv-heads", type=int, default=None, help="default: num-heads (MHA)")
+  p.add_argument("--head-dim", type=int, default=128)
+  p.add_argument("--recent-size", type=int, default=256)
+  p.add_argument("--sink-size", type=int, default=128)
+  p.add_argument("--baseline-window", type=int, default=384, help="sliding-window baselines: keys seen per query")
+  p.add_argument("--full-ratio", type=float, default=0.25)
+  p.add_argument("--num-warmup", type=int, default=3)
+  p.add_argument("--num-iters", type=int, default=10)
+  p.add_argument("--inner", type=int, default=0, help="calls per sample (0: auto, ~20 ms per sample)")
+  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+  p.add_argument("--configs", nargs="*", default=[], help="duojax block configs to sweep, e.g. default 64x128x2 64x128x2p")
+  p.add_argument("--skip", nargs="*", default=[], help="names of kernels to skip")
+  p.add_argument("--alt-kernel", nargs="*", default=[],
+                 help="python files defining another duo_prefill_mgpu (e.g. an older version) to time too")
+  p.add_argument("--xla-max-seqlen", type=int, default=4096, help="XLA reference only up to this length")
+  p.add_argument("--out", default=None, help="directory for JSON/PNG (default benchmarks/results and $OUT)")
+  return p.parse_args(argv)
+
+
+def parse_config(text: str):
+  """'64x128x2' -> BlockConfig(64, 128, 2); suffix letters: 'p' persistent, 'm' mbarrier ping-pong,
+  'r' no reduction scratch (reduction_scratch_bytes=0)."""
+  from duojax.kernels.prefill_mgpu import BlockConfig  # noqa: PLC0415
+  nums = text.rstrip("pmr")
+  flags = text[len(nums):]
+  bq, bkv, st = map(int, nums.split("x"))
+  return BlockConfig(bq, bkv, st, persistent="p" in flags, named_barriers="m" not in flags,
+                     reduction_scratch_bytes=0 if "r" in flags else None)
+
+
+def config_name(c) -> str:
+  return (f"{c.block_q}x{c.block_kv}x{c.stages}" + ("p" if c.persistent else "")
+          + ("" if c.named_barriers else "m") + ("r" if c.reduction_scratch_bytes == 0 else ""))
+
+
+def time_fn(fn, args, *, warmup: int, iters: int, inner: int):
+  out = None
+  for _ in range(max(1, warmup)):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  if inner <= 0:  # size chunks to ~20 ms
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    inner = int(min(200, max(1, 0.02 / max(one, 1e-6))))
+  samples = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / inner)
+  return statistics.median(samples) * 1e3, inner, [s * 1e3 for s in samples]
+
+
+def gpu_name() -> str:
+  d = jax.devices()[0]
+  return d.device_kind.replace(" ", "_").replace("/", "_") if d.platform == "gpu" else d.platform
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from duojax.kernels.prefill_mgpu import default_config, duo_prefill_mgpu
+
+  H, D = args.num_heads, args.head_dim
+  Hkv = args.num_kv_heads or H
+  dtype = jnp.dtype(args.dtype)
+  sink, window, bw = args.sink_size, args.recent_size, args.baseline_window
+  nf_mix = int(round(Hkv * args.full_ratio))
+  # None: the kernel's own choice (default blocks; persistent grid when every head is streaming).
+  configs = [None if c == "default" else parse_config(c) for c in args.configs] or [None]
+
+  try:
+    import tokamax  # noqa: PLC0415
+    tokamax_err = None
+  except Exception as e:  # noqa: BLE001
+    tokamax, tokamax_err = None, f"{type(e).__name__}: {e}"
+
+  kernels = {}
+  for cfg in configs:
+    tag = "" if cfg is None else f"[{config_name(cfg)}]"
+
+    def duo(nf, cfg=cfg):
+      return jax.jit(lambda q, k, v: duo_prefill_mgpu(q, k, v, num_full_kv_heads=nf, sink=sink, window=window,
+                                                      config=cfg)[0])
+
+    kernels[f"duojax_full{tag}"] = ("causal", lambda cfg=cfg, duo=duo: duo(Hkv))
+    kernels[f"duojax_streaming{tag}"] = ("streaming", lambda cfg=cfg, duo=duo: duo(0))
+    kernels[f"duojax_mix{tag}"] = ("mix", lambda cfg=cfg, duo=duo: duo(nf_mix))
+
+  for path in args.alt_kernel:
+    import importlib.util  # noqa: PLC0415
+    stem = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"alt_{stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses need the module registered
+    spec.loader.exec_module(mod)
+
+    def alt(nf, mod=mod):
+      return jax.jit(lambda q, k, v: mod.duo_prefill_mgpu(q, k, v, num_full_kv_heads=nf, sink=sink,
+                                                          window=window)[0])
+
+    kernels[f"{stem}_full"] = ("causal", lambda alt=alt: alt(Hkv))
+    kernels[f"{stem}_streaming"] = ("streaming", lambda alt=alt: alt(0))
+    kernels[f"{stem}_mix"] = ("mix", lambda alt=alt: alt(nf_mix))
+
+  def cudnn(window_size):
+    kw = dict(implementation="cudnn", is_causal=True)
+    if window_size is not None:
+      kw["local_window_size"] = (window_size - 1, 0)
+    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kw))
+
+  def tk(window_size):
+    if tokamax is None:
+      raise RuntimeError(f"tokamax unavailable: {tokamax_err}")
+    kw = dict(implementation="mosaic", is_causal=True)
+    if window_size is not None:
+      kw["local_window_size"] = (window_size - 1, 0)
+    return jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v, **kw))
+
+  kernels["cudnn_causal"] = ("causal", lambda: cudnn(None))
+  kernels[f"cudnn_window{bw}"] = ("window", lambda: cudnn(bw))
+  kernels["tokamax_causal"] = ("causal", lambda: tk(None))
+  kernels[f"tokamax_window{bw}"] = ("window", lambda: tk(bw))
+  kernels["xla_reference_mix"] = ("mix", lambda: jax.jit(lambda q, k, v: duo_attention_reference(
+      q, k, v, num_full_kv_heads=nf_mix, sink=sink, window=window)[0]))
+  kernels = {n: kv for n, kv in kernels.items() if n not in args.skip}
+
+  results = []
+  for B in args.batch_sizes:
+    for S in args.seqlens:
+      key = jax.random.key(S + B)
+      kq, kk, kv_ = jax.random.split(key, 3)
+      q = jax.random.normal(kq, (B, S, H, D), dtype)
+      k = jax.random.normal(kk, (B, S, Hkv, D), dtype)
+      v = jax.random.normal(kv_, (B, S, Hkv, D), dtype)
+      keys = {"causal": S / 2, "streaming": min(S, sink + window), "window": min(S, bw)}
+      keys["mix"] = (nf_mix * keys["causal"] + (Hkv - nf_mix) * keys["streaming"]) / Hkv
+      for name, (kind, make) in kernels.items():
+        if name.startswith("xla_reference") and S > args.xla_max_seqlen:
+          continue
+        rec = dict(name=name, kind=kind, batch=B, seqlen=S, heads=H, kv_heads=Hkv, head_dim=D)
+        try:
+          fn = make()
+          ms, inner, samples = time_fn(fn, (q, k, v), warmup=args.num_warmup, iters=args.num_iters,
+                                       inner=args.inner)
+          flops = 4.0 * B * S * keys[kind] * H * D
+          rec.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, inner=inner, samples_ms=samples)
+        except Exception as e:  # noqa: BLE001
+          rec.update(error=f"{type(e).__name__}: {str(e)[:500]}")
+          traceback.print_exc(limit=2)
+        results.append(rec)
+        msg = (f"{rec['ms']:.4f} ms {rec['tflops']:.0f} TFLOP/s min {min(rec['samples_ms']):.4f}" if "ms" in rec
+               else rec["error"][:200])
+        print(f"B={B} S={S:<6} {name:<34} {msg}", flush=True)
+
+  dev = jax.devices()[0]
+  meta = dict(device=dev.device_kind, platform=dev.platform, jax_version=jax.__version__,
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              dtype=args.dtype, heads=H, kv_heads=Hkv, head_dim=D, sink=sink, window=window, baseline_window=bw,
+              full_ratio=args.full_ratio, num_full_kv_heads_mix=nf_mix,
+              configs=[("default: " + config_name(default_config(D)) + " (persistent when nf == 0)")
+                       if c is None else config_name(c) for c in configs],
+              tokamax=getattr(tokamax, "__version__", None) if tokamax else tokamax_err,
+              timing="median over num_iters samples of back-to-back jitted calls", argv=sys.argv[1:])
+  doc = dict(meta=meta, results=results)
+
+  # Table.
+  print("\n" + "=" * 78)
+  print(f"{meta['device']}  jax {meta['jax_version']}  {args.dtype} H={H} Hkv={Hkv} D={D} "
+        f"sink={sink} window={window} mix nf={nf_mix}/{Hkv}")
+  names = list(dict.fromkeys(r["name"] for r in results))
+  cols = sorted({(r["batch"], r["seqlen"]) for r in results})
+  print(f"{'kernel':<34}" + "".join(f"{f'B{b} S{s}':>22}" for b, s in cols))
+  for n in names:
+    row = f"{n:<34}"
+    for b, s in cols:
+      r = next((r for r in results if r["name"] == n and r["batch"] == b and r["seqlen"] == s), None)
+      row += f"{'-':>22}" if r is None else (f"{'ERR':>22}" if "ms" not in r else
+                                              f"{r['ms']:>10.4f}ms {r['tflops']:>6.0f}TF")
+    print(row)
+
+  out_dirs = [args.out] if args.out else [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")]
+  if os.environ.get("OUT") and not args.out:
+    out_dirs.append(os.environ["OUT"])
+  for d in out_dirs:
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"attention_{gpu_name()}.json")
+    with open(path, "w") as f:
+      json.dump(doc, f, indent=1)
+    print("wrote", path)
+    try:
+      plot(results, os.path.join(d, f"attention_{gpu_name()}.png"), meta)
+    except Exception as e:  # noqa: BLE001
+      print("plot failed:", e)
+  return doc
+
+
+def plot(results, path, meta):
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for name in dict.fromkeys(r["name"] for r in results):
+    pts = sorted((r["seqlen"], r["ms"]) for r in results if r["name"] == name and "ms" in r and r["batch"] == 1)
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("sequence length")
+  ax.set_ylabel("latency (ms)")
+  ax.set_title(f"prefill attention, {meta['device']}, {meta['dtype']}, H={meta['heads']}, D={meta['head_dim']}, "
+               f"sink {meta['sink']} + window {meta['window']}", fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,141 @@
+"""Duo prefill attention: the Mosaic-GPU kernel in CPU interpret mode vs the reference (out and lse), the public
+``duo_attention`` entry point's argument checks and impl handling. GPU-only tests are marked ``gpu``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from duojax.kernels import duo_attention
+from duojax.kernels.hardware import hopper_device_kind
+from duojax.kernels.prefill_mgpu import BlockConfig, duo_prefill_mgpu
+from duojax.kernels.reference import duo_attention_reference
+
+needs_hopper = pytest.mark.skipif(hopper_device_kind() is None, reason="needs a Hopper GPU")
+
+
+def _inputs(seed, B, Sq, Hq, Hkv, D, q_offset, dtype):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  Sk = q_offset + Sq
+  q = jax.random.normal(ks[0], (B, Sq, Hq, D), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (B, Sk, Hkv, D), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[2], (B, Sk, Hkv, D), jnp.float32).astype(dtype)
+  return q, k, v
+
+
+def _check(out, lse, q, k, v, **kw):
+  f32 = lambda x: x.astype(jnp.float32)
+  ref_out, ref_lse = duo_attention_reference(f32(q), f32(k), f32(v), **kw)
+  out = np.asarray(out, np.float32)
+  ref_out = np.asarray(ref_out)
+  assert not np.isnan(out).any()
+  assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+  rel = np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out)
+  assert rel < 1e-2, rel
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-3, rtol=1e-4)
+
+
+# (B, Sq, Hq, Hkv, D, nf, sink, window, q_offset, dtype, block config); block configs are small so that the
+# short CPU cases still exercise several KV steps, sink/window skipping, skip steps and the persistent loop.
+CASES = [
+    # odd length, MHA, some retrieval heads, sink + small window
+    (1, 200, 2, 2, 64, 1, 4, 16, 0, jnp.bfloat16, BlockConfig(64, 64, 2)),
+    # GQA 3, all streaming, window 1, sink 0, fp16, batch 2
+    (2, 77, 6, 2, 64, 0, 0, 1, 0, jnp.float16, BlockConfig(64, 64, 2)),
+    # q_offset > 0 (chunked prefill), sink 4, window 1, persistent, 3 stages
+    (1, 130, 3, 1, 64, 0, 4, 1, 70, jnp.bfloat16, BlockConfig(64, 64, 3, persistent=True)),
+    # all retrieval heads with q_offset, GQA 2
+    (1, 260, 4, 2, 64, 2, 4, 20, 64, jnp.bfloat16, BlockConfig(64, 64, 2)),
+    # sink spanning a partial block and overlapping the window; block_kv 128; persistent
+    (1, 300, 4, 2, 64, 1, 100, 40, 129, jnp.bfloat16, BlockConfig(64, 128, 2, persistent=True)),
+    # head_dim 128 and 256
+    (1, 150, 2, 1, 128, 0, 4, 40, 33, jnp.bfloat16, BlockConfig(64, 128, 2)),
+    (1, 129, 2, 2, 256, 1, 4, 20, 0, jnp.float16, BlockConfig(64, 64, 2)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}S{c[1]}Hq{c[2]}Hkv{c[3]}D{c[4]}nf{c[5]}"
+                         f"s{c[6]}w{c[7]}o{c[8]}{jnp.dtype(c[9]).name}{'p' if c[10].persistent else ''}")
+def test_interpret_kernel_vs_reference(case):
+  B, Sq, Hq, Hkv, D, nf, sink, window, q_offset, dtype, cfg = case
+  q, k, v = _inputs(hash(case[:9]) % 1000, B, Sq, Hq, Hkv, D, q_offset, dtype)
+  kw = dict(num_full_kv_heads=nf, sink=sink, window=window, q_offset=q_offset)
+  out, lse = duo_prefill_mgpu(q, k, v, config=cfg, interpret=True, num_ctas=3, **kw)
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  _check(out, lse, q, k, v, **kw)
+
+
+def test_public_interpret_pads_head_dim_and_keeps_scale():
+  # head_dim 40 is padded to 64 inside; the default scale stays 1/sqrt(40); sm_scale passes through.
+  q, k, v = _inputs(7, 1, 100, 2, 1, 40, 0, jnp.bfloat16)
+  kw = dict(num_full_kv_heads=0, sink=4, window=30)
+  out, lse = duo_attention(q, k, v, impl="interpret", **kw)
+  assert out.shape == q.shape
+  _check(out, lse, q, k, v, **kw)
+  out2, lse2 = duo_attention(q, k, v, impl="interpret", sm_scale=0.3, **kw)
+  _check(out2, lse2, q, k, v, sm_scale=0.3, **kw)
+
+
+def test_reference_impl_and_auto_fallback():
+  q, k, v = _inputs(3, 1, 40, 4, 2, 64, 8, jnp.float32)
+  kw = dict(num_full_kv_heads=1, sink=2, window=5, q_offset=8)
+  ref = duo_attention_reference(q, k, v, **kw)
+  out = duo_attention(q, k, v, impl="reference", **kw)
+  np.testing.assert_allclose(out[0], ref[0])
+  if hopper_device_kind() is None:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)
+      auto = duo_attention(q, k, v, impl="auto", **kw)
+    np.testing.assert_allclose(auto[0], ref[0])
+    with pytest.raises(RuntimeError, match="Hopper"):
+      duo_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), impl="pallas", **kw)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(window=0), "window"),
+    (dict(sink=-1), "sink"),
+    (dict(num_full_kv_heads=3), "num_full_kv_heads"),
+    (dict(q_offset=-1), "q_offset"),
+    (dict(q_offset=5), "q_offset"),
+    (dict(impl="triton"), "impl"),
+])
+def test_bad_arguments(bad, match):
+  q, k, v = _inputs(0, 1, 16, 4, 2, 64, 0, jnp.bfloat16)
+  kw = dict(num_full_kv_heads=1, sink=2, window=4, impl="interpret")
+  kw.update(bad)
+  with pytest.raises(ValueError, match=match):
+    duo_attention(q, k, v, **kw)
+
+
+def test_bad_shapes_and_dtypes():
+  q, k, v = _inputs(0, 1, 16, 4, 2, 64, 0, jnp.bfloat16)
+  kw = dict(num_full_kv_heads=1, sink=2, window=4, impl="interpret")
+  with pytest.raises(ValueError, match="dtype"):
+    duo_attention(q, k.astype(jnp.float16), v, **kw)
+  with pytest.raises(ValueError, match="multiple"):
+    duo_attention(q[:, :, :3], k, v, **kw)
+  with pytest.raises(ValueError, match="head_dim"):
+    duo_attention(q[..., :32], k, v, **kw)
+  with pytest.raises(ValueError, match="bfloat16"):  # the kernel takes bf16/fp16 only
+    duo_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), **kw)
+  big = jnp.zeros((1, 16, 2, 320), jnp.bfloat16)
+  with pytest.raises(ValueError, match="head_dim"):
+    duo_attention(big, big[:, :, :1], big[:, :, :1], **kw)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("nf", [0, 2, 4])
+def test_gpu_kernel_vs_reference(D, nf):
+  q, k, v = _inputs(D + nf, 1, 1000, 8, 4, D, 24, jnp.bfloat16)
+  kw = dict(num_full_kv_heads=nf, sink=4, window=64, q_offset=24)
+  out, lse = duo_attention(q, k, v, impl="pallas", **kw)
+  _check(out, lse, q, k, v, **kw)
+  assert math.isfinite(float(jnp.max(lse)))
