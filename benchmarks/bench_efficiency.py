@@ -100,7 +100,7 @@ def duo_spec(config: LlamaConfig, ratio: float) -> DuoSpec:
   return DuoSpec.from_num_full((nf,) * config.num_hidden_layers, config.num_key_value_heads, SINK, WINDOW)
 
 
-def bench_decode(config, ratio, contexts, *, steps, iters, dtype, impl, fit_check):
+def bench_decode(config, ratio, contexts, *, steps, iters, dtype, impl, fit_check, extra_context=None):
   duo = duo_spec(config, ratio)
   model = random_model(config, duo, dtype)
   weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
@@ -110,7 +110,8 @@ def bench_decode(config, ratio, contexts, *, steps, iters, dtype, impl, fit_chec
   free = mem.get("bytes_limit", 0) - mem.get("bytes_in_use", 0)
   margin = 3 * 2**30
   fit = (free - margin) // per_token // 64 * 64 if free else None
-  top = max(contexts)
+  if extra_context:
+    contexts = sorted(set(contexts) | {extra_context})
   if fit is not None:
     contexts = [c for c in contexts if c + steps <= fit]
   rows = []
@@ -215,6 +216,8 @@ def main(argv=None):
   ap.add_argument("--prefill-ratios", default="1.0,0.25")
   ap.add_argument("--chunks", default="32768")
   ap.add_argument("--fit-check", action="store_true", help="verify the largest context by running there")
+  ap.add_argument("--at-full-fit", action="store_true",
+                  help="also time every ratio at the largest context all-full attention fits (ratio 1.0 first)")
   ap.add_argument("--impl", default="auto")
   ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   args = ap.parse_args(argv)
@@ -226,10 +229,19 @@ def main(argv=None):
              "dtype": jnp.dtype(dtype).name, "batch": 1, "sink": SINK, "window": WINDOW,
              "config": dataclasses.asdict(config), "decode": [], "prefill": []}
   contexts = [int(c) for c in args.contexts.split(",")]
+  full_fit = None
   for ratio in (float(r) for r in args.ratios.split(",")):
     print(f"decode, {args.model}, retrieval ratio {ratio}", flush=True)
-    results["decode"].append(bench_decode(config, ratio, contexts, steps=args.decode_steps, iters=args.iters,
-                                          dtype=dtype, impl=args.impl, fit_check=args.fit_check))
+    extra = full_fit - args.decode_steps - 64 if (args.at_full_fit and full_fit) else None
+    r = bench_decode(config, ratio, contexts, steps=args.decode_steps, iters=args.iters, dtype=dtype,
+                     impl=args.impl, fit_check=args.fit_check, extra_context=extra)
+    if ratio == 1.0:
+      full_fit = r.get("largest_context_verified") or r["largest_context_estimate"]
+      if args.at_full_fit and full_fit:  # time all-full there too, once the fit is known
+        r_fit = bench_decode(config, ratio, [full_fit - args.decode_steps - 64], steps=args.decode_steps,
+                             iters=args.iters, dtype=dtype, impl=args.impl, fit_check=False)
+        r["rows"] += r_fit["rows"]
+    results["decode"].append(r)
   if args.prefill_context:
     for ratio in (float(r) for r in args.prefill_ratios.split(",")):
       results["prefill"].append(bench_prefill(config, ratio, args.prefill_context,

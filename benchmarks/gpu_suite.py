@@ -28,9 +28,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 EFFICIENCY = [
     ["--model", "llama2-7b", "--ratios", "1.0,0.25", "--contexts", "16384,32768,65536,131072,196608",
-     "--decode-steps", "16", "--iters", "3", "--prefill-context", "131072", "--chunks", "32768", "--fit-check"],
-    ["--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts", "131072,262144,524288,786432",
-     "--decode-steps", "8", "--iters", "2", "--fit-check"],
+     "--decode-steps", "16", "--iters", "3", "--prefill-context", "131072", "--chunks", "32768,131072",
+     "--fit-check"],
+    ["--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts", "131072,262144,524288",
+     "--decode-steps", "8", "--iters", "2", "--fit-check", "--at-full-fit"],
 ]
 
 
