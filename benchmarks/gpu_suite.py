@@ -27,11 +27,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 EFFICIENCY = [
-    ["--model", "llama2-7b", "--ratios", "1.0,0.25", "--contexts", "16384,32768,65536,131072,196608",
-     "--decode-steps", "16", "--iters", "3", "--prefill-context", "131072", "--chunks", "32768,131072",
-     "--fit-check"],
-    ["--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts", "131072,262144,524288",
-     "--decode-steps", "8", "--iters", "2", "--fit-check", "--at-full-fit"],
+    ["--model", "llama2-7b", "--ratios", "1.0,0.25", "--contexts", "32768,65536,131072", "--decode-steps", "8",
+     "--iters", "2", "--prefill-context", "131072", "--chunks", "32768", "--fit-check"],
+    ["--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts", "131072,262144", "--decode-steps", "8",
+     "--iters", "2", "--fit-check", "--at-full-fit"],
 ]
 
 
@@ -50,6 +49,9 @@ def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
     return [[py, str(b / "bench_decode.py")]]
   if stage == "efficiency":
     return [[py, str(b / "bench_efficiency.py"), *args, "--out", str(out)] for args in EFFICIENCY]
+  if stage in ("efficiency-llama2", "efficiency-llama3"):
+    args = EFFICIENCY[0 if stage.endswith("llama2") else 1]
+    return [[py, str(b / "bench_efficiency.py"), *args, "--out", str(out)]]
   raise SystemExit(f"unknown stage {stage!r}")
 
 
