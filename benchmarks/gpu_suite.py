@@ -63,7 +63,7 @@ def main(argv=None) -> None:
   out_root = pathlib.Path(os.environ.get("OUT", "/tmp/duojax_out"))
   out = pathlib.Path("/tmp/duojax_results")  # many files: packed into one tarball under $OUT
   out.mkdir(parents=True, exist_ok=True)
-  env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OUT=str(out),
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), PYTHONUNBUFFERED="1", OUT=str(out),
              XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95"))
   deadline = time.time() + args.timeout
   summary = []
