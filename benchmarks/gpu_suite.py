@@ -49,6 +49,11 @@ def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
     return [[py, str(b / "bench_decode.py")]]
   if stage == "efficiency":
     return [[py, str(b / "bench_efficiency.py"), *args, "--out", str(out)] for args in EFFICIENCY]
+  if stage == "efficiency-decode":  # decode rows only (prefill unchanged), both models, one call
+    return [[py, str(b / "bench_efficiency.py"), "--model", "llama2-7b", "--ratios", "1.0,0.25", "--contexts",
+             "32768,131072", "--decode-steps", "8", "--iters", "2", "--fit-check", "--out", str(out)],
+            [py, str(b / "bench_efficiency.py"), "--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts",
+             "131072", "--decode-steps", "8", "--iters", "2", "--fit-check", "--at-full-fit", "--out", str(out)]]
   if stage in ("efficiency-llama2", "efficiency-llama3"):
     args = EFFICIENCY[0 if stage.endswith("llama2") else 1]
     return [[py, str(b / "bench_efficiency.py"), *args, "--out", str(out)]]

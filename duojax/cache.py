@@ -168,11 +168,12 @@ def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: in
   from duojax.kernels.decode import duo_decode_attention
   q, k, v, nf, inv = _split_heads(q, k, v, full)
   B = q.shape[0]
-  write = jax.vmap(lambda buf, x, p: jax.lax.dynamic_update_slice(buf, x, (p, 0, 0)))
-  k_full = write(lc.k_full, k[:, :, :nf].astype(lc.k_full.dtype), lengths)
-  v_full = write(lc.v_full, v[:, :, :nf].astype(lc.v_full.dtype), lengths)
-  slot = ring_slot(lengths, sink, window)
   rows = jnp.arange(B)
+  # A scatter of one row per sequence: updated in place inside the decode loop (a vmapped dynamic_update_slice
+  # lowers to a select over the whole cache, i.e. a full read and write of it every step).
+  k_full = lc.k_full.at[rows, lengths].set(k[:, 0, :nf].astype(lc.k_full.dtype), mode="drop")
+  v_full = lc.v_full.at[rows, lengths].set(v[:, 0, :nf].astype(lc.v_full.dtype), mode="drop")
+  slot = ring_slot(lengths, sink, window)
   k_ring = lc.k_ring.at[rows, slot].set(k[:, 0, nf:].astype(lc.k_ring.dtype))
   v_ring = lc.v_ring.at[rows, slot].set(v[:, 0, nf:].astype(lc.v_ring.dtype))
   ring_pos = lc.ring_pos.at[rows, slot].set(lengths)
