@@ -1,0 +1,1 @@
+from duojax.loading import load
