@@ -90,7 +90,12 @@ def main():
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / f"model_check_{res['device'].replace(' ', '_')}.json").write_text(json.dumps(res, indent=1))
-  ok = all(r["kernel_vs_reference"] < 2e-2 for r in res["logits"]) and res["chunked_vs_one_pass_kernel"] < 2e-2
+  # bf16 end to end: the reference path itself is ~2e-2 (relative L2) from HF's float32 logits, so the kernel path
+  # is held to that scale: at most 1.25x the reference's own distance to float32, identical greedy tokens, and
+  # chunked prefill + decode within 1.5x the kernel-vs-reference bf16 difference of one pass.
+  ok = (all(r["kernel_vs_hf_fp32"] <= 1.25 * r["reference_vs_hf_fp32"] for r in res["logits"])
+        and all(g["kernel_tokens"] == g["reference_tokens"] for g in res["greedy"])
+        and res["chunked_vs_one_pass_kernel"] <= 1.5 * res["duo_kernel_vs_reference"] + 1e-3)
   print("MODEL CHECK", "PASS" if ok else "FAIL")
   raise SystemExit(0 if ok else 1)
 

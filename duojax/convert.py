@@ -152,11 +152,7 @@ def open_hf(ref: str, revision: str | None = None) -> Source:
   from safetensors import safe_open
 
   from duojax.io.hf_names import expected_hf_names, expected_hf_shape, hf_to_path
-  from duojax.io.safetensors_import import iter_hf_tensors, read_hf_config, shard_files
-  try:
-    from duojax.io.safetensors_import import _read_raw
-  except ImportError:  # pragma: no cover - fall back to the memory-mapped iterator
-    _read_raw = None
+  from duojax.io.safetensors_import import read_hf_config, read_tensor, shard_files
 
   repo_id = None
   if os.path.exists(ref):
@@ -230,18 +226,14 @@ def open_hf(ref: str, revision: str | None = None) -> Source:
   largest = max(int(np.prod(s)) * itemsize[d] for n, (s, d, _) in found.items() if n not in skip)
 
   def raw_tensors():
-    # One tensor at a time with plain reads (safetensors_import._read_raw), not through a memory map: a map keeps
-    # every page it touched resident (counted in RSS) until the file is closed, i.e. up to a whole shard.
-    if _read_raw is None:
-      yield from iter_hf_tensors(path)
-      return
+    # One tensor at a time with plain reads (no memory map: see safetensors_import.read_tensor).
     for shard in shards:
       file = os.path.join(path, shard)
       for name in by_shard[shard]:
         if name in skip:
           continue
         try:
-          yield name, _read_raw(file, name)
+          yield name, read_tensor(file, name)
         except (OSError, ValueError, KeyError) as e:
           raise ConvertError(f"cannot read tensor {name!r} from {file}: {e}") from None
 

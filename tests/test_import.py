@@ -354,10 +354,10 @@ def test_read_hf_config_transformers5(tmp_path, smollm2_golden):
 
 
 def test_raw_bf16_reader(tmp_path):
-  """The fallback for safetensors builds whose numpy backend can't make bfloat16."""
-  from duojax.io.safetensors_import import _read_raw
+  """Plain-read tensors keep bfloat16 bit for bit."""
+  from duojax.io.safetensors_import import read_tensor
   x = np.random.default_rng(1).standard_normal((3, 5)).astype(ml_dtypes.bfloat16)
   save_file({"a": np.ones(2, np.float32), "x": x}, str(tmp_path / "m.safetensors"))
-  got = _read_raw(str(tmp_path / "m.safetensors"), "x")
+  got = read_tensor(str(tmp_path / "m.safetensors"), "x")
   assert got.dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(got.view(np.uint16), x.view(np.uint16))

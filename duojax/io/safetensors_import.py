@@ -71,8 +71,12 @@ def shard_files(path: str | os.PathLike) -> dict[str, list[str]]:
   raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in HF checkpoint directory {path!r}")
 
 
-def _read_raw(file: str, name: str) -> np.ndarray:
-  """Reads tensor ``name`` from the raw bytes of a safetensors file (for dtypes numpy can't build)."""
+def read_tensor(file: str, name: str) -> np.ndarray:
+  """Reads tensor ``name`` of a safetensors file with plain reads into a fresh array (bf16 as ml_dtypes).
+
+  No memory map: a map keeps every page it touched resident until the file closes (up to a whole shard), which
+  streaming conversion must avoid.
+  """
   with open(file, "rb") as f:
     (n,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(n))
@@ -98,10 +102,8 @@ def _iter_file(file: str, names: list[str] | None) -> Iterator[tuple[str, np.nda
       if name not in keys:
         raise ValueError(f"tensor {name!r} is listed in the index for {file} but that file lacks it")
       try:
-        arr = f.get_tensor(name)
-      except TypeError:  # older numpy/safetensors without bfloat16 support
-        arr = _read_raw(file, name)
-      except Exception as e:
+        arr = read_tensor(file, name)
+      except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"cannot read tensor {name!r} from safetensors file {file}: {e}") from e
       yield name, arr
 
