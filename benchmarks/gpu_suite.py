@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 benchmarks/gpu_suite.py --stages model,prefill,decode,attention,efficiency
 
 Stages (each a subprocess; a failing stage is recorded and the next one runs):
+  tests       the pytest tests marked gpu (kernels through the real Mosaic-GPU path)
   model       SmolLM2 in bf16 through the Mosaic-GPU kernels vs the reference path on the same GPU, + the demo
   prefill     benchmarks/gpu_prefill_check.py (float64 oracle, poisoned outputs)
   decode      benchmarks/gpu_decode_check.py
@@ -37,6 +38,8 @@ EFFICIENCY = [
 def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
   py = sys.executable
   b = ROOT / "benchmarks"
+  if stage == "tests":
+    return [[py, "-m", "pytest", "-q", "-m", "gpu", "tests"]]
   if stage == "model":
     return [[py, str(b / "gpu_model_check.py"), "--out", str(out)], [py, "-m", "duojax.demo"]]
   if stage == "prefill":

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from duojax.config import DuoSpec, LlamaConfig
+from duojax.loading import abstract_params
 
 log = logging.getLogger("duojax.convert")
 
@@ -443,11 +444,6 @@ def _write_tokenizer(source: Source, tmp: Path, config: LlamaConfig) -> str | No
 # ----------------------------------------------------------------------------------------------- conversion
 
 
-def _abstract_params(config: LlamaConfig, dtype) -> dict:
-  from duojax.loading import abstract_params
-  return abstract_params(config, dtype)
-
-
 def _tmp_sibling(out: Path, tag: str) -> Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=f".{tag}", dir=out.parent))
@@ -491,7 +487,7 @@ def convert(*, hf: str | None = None, gguf: str | None = None, out: str | os.Pat
   config = source.config
   layout = resolve_layout(config, pattern=pattern, sparsity=sparsity, threshold=threshold, sink=sink,
                           window=window, tp=mesh_sizes["tp"])
-  abstract = _abstract_params(config, np_dtype)
+  abstract = abstract_params(config, np_dtype)
   meta = build_metadata(source, layout, np_dtype, mesh_sizes, abstract)
   log.info("converting %s %s: %d layers x %d KV heads, sparsity %.4f, tp=%d, dtype %s", source.kind, source.path,
            config.num_hidden_layers, config.num_key_value_heads, meta["sparsity"], layout.tp, np_dtype.name)

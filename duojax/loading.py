@@ -44,36 +44,9 @@ def abstract_params(config: LlamaConfig, dtype) -> dict:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), model_params(model))
 
 
-def _take_heads(x, idx, axis: int, block: int):
-  shape = x.shape
-  n = shape[axis] // block
-  y = x.reshape(shape[:axis] + (n, block) + shape[axis + 1:])
-  return jnp.take(y, idx, axis=axis).reshape(shape)
-
-
-# (projection, leaf) -> (axis, heads-per-block multiplier: G for q/o, 1 for k/v)
-_HEAD_AXES = {("q", "kernel"): (1, "G"), ("q", "v"): (1, "G"), ("q", "bias"): (0, "G"),
-              ("k", "kernel"): (1, 1), ("k", "v"): (1, 1), ("k", "bias"): (0, 1),
-              ("v", "kernel"): (1, 1), ("v", "v"): (1, 1), ("v", "bias"): (0, 1),
-              ("o", "kernel"): (0, "G"), ("o", "u"): (0, "G")}
-
-
 def _permute_attn_fn(config: LlamaConfig):
-  G, D = config.num_groups, config.head_dim
-
-  def fn(attn, idx):
-    out = {}
-    for proj, leaves in attn.items():
-      out[proj] = {}
-      for leaf, x in leaves.items():
-        spec = _HEAD_AXES.get((proj, leaf))
-        if spec is None:
-          out[proj][leaf] = x
-        else:
-          axis, mult = spec
-          out[proj][leaf] = _take_heads(x, idx, axis, (G if mult == "G" else 1) * D)
-    return out
-  return fn
+  from duojax.models.reorder import permute_layer_heads
+  return lambda attn, idx: permute_layer_heads({"attn": attn}, idx, config)["attn"]
 
 
 def rebalance_perms(full: np.ndarray, saved_perm: np.ndarray, tp: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
+# GPU-only tests (marked gpu) run on a Hopper machine through benchmarks/gpu_suite.py --stages tests
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile -m "not gpu" "$@"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from duojax.config import DuoSpec, LlamaConfig
@@ -39,12 +41,13 @@ def head_permutation(full: Sequence[bool], tp: int = 1) -> np.ndarray:
 
 
 def _take(x, idx, axis, group: int, head_dim: int):
-  """Permutes head blocks of ``group * head_dim`` entries along ``axis`` of ``x``."""
-  x = np.asarray(x)
+  """Permutes head blocks of ``group * head_dim`` entries along ``axis`` of ``x`` (numpy, or JAX, also traced)."""
+  xp = jnp if isinstance(x, jax.Array) else np
+  x = xp.asarray(x)
   shape = x.shape
   n_heads = shape[axis] // (group * head_dim)
   x = x.reshape(shape[:axis] + (n_heads, group * head_dim) + shape[axis + 1:])
-  x = np.take(x, idx, axis=axis)
+  x = xp.take(x, idx, axis=axis)
   return x.reshape(shape)
 
 
@@ -66,8 +69,8 @@ def _permute_in(proj: dict, idx, group: int, head_dim: int) -> dict:
   return out
 
 
-def permute_layer_heads(layer: dict, perm: np.ndarray, config: LlamaConfig) -> dict:
-  """Applies a KV-head permutation to one layer's parameters (numpy, returns a new dict)."""
+def permute_layer_heads(layer: dict, perm, config: LlamaConfig) -> dict:
+  """Applies a KV-head permutation to one layer's parameters (numpy or JAX arrays; returns a new dict)."""
   G, D = config.num_groups, config.head_dim
   attn = dict(layer["attn"])
   attn["q"] = _permute_out(attn["q"], perm, G, D)
