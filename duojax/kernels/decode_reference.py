@@ -22,14 +22,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from duojax.kernels.reference import visible_mask
+
 __all__ = ["duo_decode_reference", "decode_streaming_visible"]
 
 
 def decode_streaming_visible(ring_pos, lengths, *, sink: int, window: int):
   """``[B, R]`` bool: which ring slots the current query (position ``lengths - 1``) sees."""
   p = (lengths.astype(jnp.int32) - 1)[:, None]
-  pos = ring_pos.astype(jnp.int32)
-  return (pos >= 0) & (pos <= p) & ((pos < sink) | (pos > p - window))
+  return visible_mask(p, ring_pos.astype(jnp.int32), True, sink=sink, window=window)
 
 
 def _attend(q, k, v, visible, scale):
