@@ -89,6 +89,7 @@ CASES = [
     dict(B=2, L=256, nf=3, ns=0, G=1, D=64, sink=4, window=60, lengths=[256, 1]),     # all retrieval
     dict(B=2, L=128, nf=0, ns=3, G=1, D=64, sink=8, window=56, lengths=[128, 20]),    # all streaming
     dict(B=1, L=320, nf=1, ns=1, G=3, D=128, sink=16, window=48, lengths=[257]),
+    dict(B=2, L=640, nf=1, ns=1, G=2, D=64, sink=4, window=60, lengths=[300, 130]),   # fill << capacity
 ]
 
 

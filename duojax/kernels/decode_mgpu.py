@@ -10,8 +10,10 @@ issues the copy for step ``j + num_stages`` as soon as step ``j`` has consumed i
 writes a normalised partial output (q.dtype, staged through the query's SMEM slot, trimmed to the group's
 rows rounded up to 8) and its base-2 log-sum-exp; a small XLA combine (``combine_partials``) merges them.
 
-Per-sequence lengths: a split whose range starts past ``lengths[b]`` reads nothing; only a sequence's last
-block is masked (by column index). Streaming heads run the same body over the ``R = sink + window`` ring
+Per-sequence lengths: the grid has a static number of splits (chosen from the capacity and the SM count); at
+run time each sequence's filled blocks, ``cdiv(lengths[b], block_kv)``, are spread evenly over them, so the
+work and the bandwidth follow the context, not the capacity. Only a sequence's last block is masked (by
+column index). Streaming heads run the same body over the ``R = sink + window`` ring
 slots with an additive float32 bias per slot (0 where visible, -1e30 where not) computed in XLA from
 ``ring_pos``; ``decode_partials_duo`` runs both kinds of heads in one launch.
 
@@ -44,7 +46,9 @@ ROWS = 64  # wgmma M: the GQA group's query heads padded to this many rows
 class DecodeConfig:
   block_kv: int = 128
   num_stages: int = 3
-  blocks_per_split: int | None = None  # None: chosen from the device's SM count
+  # Number of splits = cdiv(capacity blocks, blocks_per_split) (None: one split per SM wave); at run time each
+  # sequence's filled blocks are spread evenly over the splits.
+  blocks_per_split: int | None = None
   ctas_per_sm: int = 1
   p_via_smem: bool = False  # stage P through SMEM even on GPU (the interpret-mode formulation)
   unpadded_q: bool = True  # GPU: read the GQA group's G query rows straight from q (TMA zero-fills to 64)
@@ -82,23 +86,32 @@ def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, nu
                       p_via_smem=p_via_smem, unpadded_q=unpadded_q)
 
 
+def _split_range(length, sp, *, splits: int, block_kv: int):
+  """Blocks ``[start, start + n)`` of split ``sp``: the sequence's ``cdiv(length, block_kv)`` filled blocks are
+  spread evenly over the ``splits`` CTAs, so every CTA has work whatever the fill of the cache. (Splitting
+  the capacity instead leaves the splits past ``length`` idle: at 128k tokens in a 900k cache only 1/7 of the
+  CTAs would read, at a fraction of the bandwidth.)"""
+  nblk = lax.div(length + (block_kv - 1), jnp.int32(block_kv))
+  per = lax.max(lax.div(nblk + (splits - 1), jnp.int32(splits)), jnp.int32(1))
+  start = sp * per
+  return start, jnp.clip(nblk - start, 0, per)
+
+
 def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, scratch, *, S, block_kv,
-                        blocks_per_split, has_len, q_head_offset, **kw):
+                        splits, has_len, q_head_offset, **kw):
   """One (sequence, KV head, split) of a single cache (retrieval, or the ring with a bias)."""
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   sp = lax.axis_index("s")
   length = jnp.minimum(len_ref[b], jnp.int32(S)) if has_len else jnp.int32(S)
-  start_blk = sp * blocks_per_split
-  nblk_total = lax.div(length + (block_kv - 1), jnp.int32(block_kv))
-  n = jnp.clip(nblk_total - start_blk, 0, blocks_per_split)
+  start_blk, n = _split_range(length, sp, splits=splits, block_kv=block_kv)
   _attend_split(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, scratch, b=b, kv_head=h, q_head=h + q_head_offset,
                 out_head=h, sp=sp, start_blk=start_blk, n=n, length=length if has_len else None,
                 block_kv=block_kv, **kw)
 
 
 def _duo_kernel_body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scratch, *, L, R,
-                     nf, block_kv, blocks_per_split, **kw):
+                     nf, block_kv, splits, **kw):
   """Both caches in one launch: heads h < nf split the full cache; heads h >= nf run the ring in split 0 (the
   other splits of a streaming head write an empty partial)."""
   b = lax.axis_index("b")
@@ -108,9 +121,7 @@ def _duo_kernel_body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o
   @pl.when(h < nf)
   def _retrieval():
     length = jnp.minimum(len_ref[b], jnp.int32(L))
-    start_blk = sp * blocks_per_split
-    nblk_total = lax.div(length + (block_kv - 1), jnp.int32(block_kv))
-    n = jnp.clip(nblk_total - start_blk, 0, blocks_per_split)
+    start_blk, n = _split_range(length, sp, splits=splits, block_kv=block_kv)
     _attend_split(q_ref, kf_ref, vf_ref, None, o_ref, lse_ref, scratch, b=b, kv_head=h, q_head=h, out_head=h,
                   sp=sp, start_blk=start_blk, n=n, length=length, block_kv=block_kv, **kw)
 
@@ -265,7 +276,7 @@ def decode_partials(qp, k, v, lengths, bias, *, config: DecodeConfig, scale: flo
 
   scratch = _scratch_types(D, dtype, stages, bk, fast, has_bias)
   body = functools.partial(
-      _decode_kernel_body, S=S, D=D, dtype=dtype, block_kv=bk, num_stages=stages, blocks_per_split=bps,
+      _decode_kernel_body, S=S, D=D, dtype=dtype, block_kv=bk, num_stages=stages, splits=splits,
       scale_log2=float(scale) * LOG2E, fast=fast, has_len=has_len, q_rows=q_rows, out_rows=out_rows,
       q_head_offset=q_head_offset)
 
@@ -352,7 +363,7 @@ def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, co
   dtype = qp.dtype
   scratch = _scratch_types(D, dtype, stages, bk, fast, True)
   body = functools.partial(
-      _duo_kernel_body, L=L, R=R, nf=nf, D=D, dtype=dtype, block_kv=bk, num_stages=stages, blocks_per_split=bps,
+      _duo_kernel_body, L=L, R=R, nf=nf, D=D, dtype=dtype, block_kv=bk, num_stages=stages, splits=splits,
       scale_log2=float(scale) * LOG2E, fast=fast, q_rows=q_rows, out_rows=out_rows)
 
   def entry(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, *scr):
