@@ -204,7 +204,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
     qi = (n_qt - 1) - lax.div(r, i32(B))
     return h, b, qi
 
-  def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem3, k_smem, v_smem, lse_smem2, p_smem2,
+  def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_smem, lse_smem2, p_smem2,
            k_bar, v_bar, q_bar, k_cons, v_cons, sched_bar, turn_bar):
     if cfg.persistent:
       cta = lax.axis_index("cta")
@@ -295,7 +295,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       def issue_q(j, buf):
         h, b, qi = tile(j)
         row0 = qi * (2 * bq) + wg * bq
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem3.at[buf, wg],
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem2.at[buf * 2 + wg],
                                 q_bar.at[buf * 2 + wg])
 
       if q_bufs == 2:
@@ -306,7 +306,9 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         sch = schedule(q_head, qi)
         n_cta = sch["n_cta"]
         buf = 0 if q_bufs == 1 else lax.rem(j, i32(q_bufs))
-        qo_smem = q_smem3.at[buf, wg]
+        # Q/O slot of this warpgroup. A flat index: a Python-int index would be a literal that pl.run_state
+        # (which hoists its closure into refs) cannot lower.
+        qo_smem = q_smem2.at[buf * 2 + wg]
         # The previous tile's output/lse stores must have left SMEM before Q or lse buffers are reused.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         if q_bufs == 2:
@@ -672,7 +674,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
 
   smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
   scratch = [
-      smem((q_bufs, 2, bq, D)),
+      smem((q_bufs * 2, bq, D)),  # [Q buffer * 2 + warpgroup]
       smem((stages, bkv, D)),
       smem((stages, bkv, D)),
       plgpu.SMEM((2, bq), jnp.float32),
