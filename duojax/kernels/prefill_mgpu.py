@@ -66,12 +66,12 @@ class BlockConfig:
   stages: int = 2        # K/V SMEM ring depth
   persistent: bool = False  # one CTA per SM looping over tiles (K/V ring and Q prefetch run across tiles)
   named_barriers: bool = True  # hardware named barriers for the warpgroup ping-pong (GPU only)
-  # Intra-warpgroup overlap (FA3): step t issues QK^T of block t and PV of block t-1 together, then runs block
-  # t's softmax while its own PV wgmma is still in flight. False: each step waits for its PV before the next QK.
-  overlap: bool = True
   # SMEM reserved for cross-warp reductions (None: Mosaic's default, 2 KiB). The row reductions here stay
   # inside each warp (WGMMA layout), so 0 is safe and frees the room a third K/V stage needs at D=128.
   reduction_scratch_bytes: int | None = None
+  # Mosaic GPU's unsafe_no_auto_barriers: no automatic warpgroup barriers around SMEM loads/stores. The kernel's
+  # only SMEM stores are the epilogue's, followed by commit_smem before the TMA store (tokamax runs the same way).
+  no_auto_barriers: bool = False
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_kv % 64:
@@ -204,8 +204,8 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
     qi = (n_qt - 1) - lax.div(r, i32(B))
     return h, b, qi
 
-  def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_smem, lse_smem2, p_smem2,
-           k_bar, v_bar, q_bar, k_cons, v_cons, sched_bar, turn_bar):
+  def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem3, k_smem, v_smem, lse_smem2, p_smem2,
+           k_bar, v_bar, q_bar, k_cons, v_cons, sched_bar):
     if cfg.persistent:
       cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
@@ -256,36 +256,6 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       def sched_end():
         pl.when(wg == 0)(sched_sync)
 
-    # The overlapped loop's ping-pong: a step's turn is [turn_begin: wait for this warpgroup's turn] issue the
-    # step's wgmmas [turn_end: hand the turn to the other warpgroup], then its softmax runs while the other
-    # warpgroup's wgmmas (and its own PV) run. Warpgroup 0 takes the first turn (turn_first) and absorbs
-    # warpgroup 1's last hand-over at the very end (turn_last). The turns run on across the tiles of a
-    # persistent CTA (a per-tile start/end could let warpgroup 1 hand over twice before warpgroup 0 waits).
-    if named:
-      def turn_begin():
-        _named_barrier("sync", _SCHED_BAR + wg)
-
-      def turn_end():
-        _named_barrier("arrive", _SCHED_BAR + 1 - wg)
-
-      def turn_first():
-        pl.when(wg == 1)(lambda: _named_barrier("arrive", _SCHED_BAR))
-
-      def turn_last():
-        pl.when(wg == 0)(lambda: _named_barrier("sync", _SCHED_BAR))
-    else:
-      def turn_begin():
-        plgpu.barrier_wait(turn_bar.at[wg])
-
-      def turn_end():
-        plgpu.barrier_arrive(turn_bar.at[1 - wg])
-
-      def turn_first():
-        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn_bar.at[0]))
-
-      def turn_last():
-        pl.when(wg == 0)(lambda: plgpu.barrier_wait(turn_bar.at[0]))
-
     @pl.when(wg < 2)
     def _compute():
       if not interpret:
@@ -295,7 +265,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       def issue_q(j, buf):
         h, b, qi = tile(j)
         row0 = qi * (2 * bq) + wg * bq
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem2.at[buf * 2 + wg],
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem3.at[buf, wg],
                                 q_bar.at[buf * 2 + wg])
 
       if q_bufs == 2:
@@ -306,9 +276,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         sch = schedule(q_head, qi)
         n_cta = sch["n_cta"]
         buf = 0 if q_bufs == 1 else lax.rem(j, i32(q_bufs))
-        # Q/O slot of this warpgroup. A flat index: a Python-int index would be a literal that pl.run_state
-        # (which hoists its closure into refs) cannot lower.
-        qo_smem = q_smem2.at[buf * 2 + wg]
+        qo_smem = q_smem3.at[buf, wg]
         # The previous tile's output/lse stores must have left SMEM before Q or lse buffers are reused.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         if q_bufs == 2:
@@ -354,252 +322,98 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         def _():
           plgpu.barrier_wait(k_bar.at[slot_of(0)])
 
-        def scores_softmax(s, t, m_i, mask: str | None):
-          """Masks block t's scores ``s [bq, bkv]`` (mask None, "causal" or "full" = causal & (sink | window))
-          and runs the online-softmax update from the running base-2 max ``m_i``: returns (m_new, p, alpha)."""
-          bcast = lambda x: lax.broadcast_in_dim(x, s.shape, [0])
-          if mask is None:
-            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-            m_use = m_new
-          else:
+        sched_start()
+
+        def skip_step(t, carry):
+          slot = slot_of(t)
+          plgpu.barrier_arrive(k_cons.at[slot])
+          sched_after_qk()
+          sched_before_pv(slot)
+          wait_next_k(t)
+          plgpu.barrier_arrive(v_cons.at[slot])
+          return carry
+
+        def compute_step(t, carry, mask: str | None):
+          acc, m_i, l_i = carry
+          slot = slot_of(t)
+          bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
+
+          def compute_qk(acc_ref):
+            plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].T)
+            sched_after_qk()
+            return acc_ref[...]
+
+          s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+          plgpu.barrier_arrive(k_cons.at[slot])
+          if mask is not None:
             # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
             # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
             k0 = block_of(t, sch) * bkv
             rowi = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
             last = rowi + (a - k0)
             cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-            vis = cols <= bcast(last)
+            vis = cols <= bcast(last, s.shape)
             if mask == "full":
-              vis = vis & ((cols < sink - k0) | (cols > bcast(last - window_eff)))
+              vis = vis & ((cols < sink - k0) | (cols > bcast(last - window_eff, s.shape)))
             s = jnp.where(vis, s, -jnp.inf)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen nothing yet
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+          else:
+            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+            m_use = m_new
           alpha = jnp.exp2(m_i - m_use)
-          p = jnp.exp2(s * c2 - bcast(m_use))
-          return m_new, p, alpha
+          p = jnp.exp2(s * c2 - bcast(m_use, s.shape))
+          acc = acc * bcast(alpha, acc.shape)
+          l_i = l_i * alpha
+          p16 = p.astype(dtype)
 
-        def overlapped_steps(acc, m_i, l_i):
-          """The warpgroup's steps with intra-warpgroup overlap (FA3). Computed steps come in runs of
-          consecutive blocks: the run's first step (peel) computes S and P of its block; every further step t
-          issues QK^T of block t and PV of block t-1 in one turn and runs block t's softmax while that PV is in
-          flight (O is rescaled once the PV has landed); the run ends with the last block's PV (flush, outside
-          the turns). Skipped steps take an empty turn. Each step, computed or skipped, takes exactly one turn,
-          waits once on its K and V barriers and arrives once on its consumed barriers."""
-          ones = plgpu.layout_cast(jnp.full((bq,), 1.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-          bc = lambda x, y: lax.broadcast_in_dim(x, y.shape, [0])
+          def end_softmax_barriers():
+            sched_before_pv(slot)
 
-          def stage_p(p16):  # interpreter: P through SMEM (no register-operand wgmma there)
+          if D <= 128:
+            l_i = l_i + p.sum(axis=1)
+            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            end_softmax_barriers()
+          else:
+            end_softmax_barriers()
+            l_i = l_i + p.sum(axis=1)
+
+          if interpret:
             p_smem = p_smem2.at[wg]
             p_smem[...] = p16
             plgpu.commit_smem()
-            return p_smem
 
-          def peel(t, carry):
-            acc, m_i, l_i, _ = carry
-            slot = slot_of(t)
-            turn_begin()
-
-            def qk(s_ref):
-              plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].T)
-              turn_end()
-              return s_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-            plgpu.barrier_arrive(k_cons.at[slot])
-            m_new, p, alpha = scores_softmax(s, t, m_i, "full")  # exact for any block
-            wait_next_k(t)
-            return acc * bc(alpha, acc), m_new, l_i * alpha + p.sum(axis=1), p.astype(dtype)
-
-          def flush(t, carry):
-            acc, m_i, l_i, p16 = carry
-            slot = slot_of(t)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if interpret:
-              p_smem = stage_p(p16)
-
-              def pv(o_ref):
-                plgpu.wgmma(o_ref, p_smem, v_smem.at[slot])
-                return o_ref[...]
-
-              acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
-            else:
-              def pv(o_ref):
-                plgpu.wgmma(o_ref, p16, v_smem.at[slot])
-
-              acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_cons.at[slot])
-            return acc, m_i, l_i, p16
-
-          def steady(t, carry, mask):
-            acc, m_i, l_i, p_prev = carry
-            slot, pslot = slot_of(t), slot_of(t - 1)
-            plgpu.barrier_wait(v_bar.at[pslot])
-            turn_begin()
-            if interpret:
-              p_smem = stage_p(p_prev)
-
-              def qk_pv(s_ref, o_ref):
-                plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].T)
-                plgpu.wgmma(o_ref, p_smem, v_smem.at[pslot])
-                turn_end()
-                return s_ref[...], o_ref[...]
-
-              s, pv = pl.run_scoped(qk_pv, plgpu.ACC((bq, bkv), jnp.float32), plgpu.ACC((bq, D), jnp.float32))
-              plgpu.barrier_arrive(k_cons.at[slot])
-              m_new, p, alpha = scores_softmax(s, t, m_i, mask)
-              l_i = l_i * alpha + p.sum(axis=1)
-              p16 = p.astype(dtype)
+            def compute_pv(acc_ref):
+              plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
               wait_next_k(t)
-              acc = acc + pv
-            else:
-              def qk_pv(refs):
-                o_ref, m_ref, l_ref, p_ref, a_ref = refs
-
-                def qk(s_ref):
-                  plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].T)
-                  plgpu.wgmma(o_ref, p_prev, v_smem.at[pslot])
-                  turn_end()
-                  return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S only; the PV stays in flight
-
-                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_cons.at[slot])
-                m_new, p, alpha = scores_softmax(s, t, m_ref[...], mask)
-                l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
-                m_ref[...] = m_new
-                p_ref[...] = p.astype(dtype)
-                a_ref[...] = alpha
-                wait_next_k(t)
-
-              acc, m_new, l_i, p16, alpha = pl.run_state(qk_pv)(
-                  (plgpu.ACC.init(acc), m_i, l_i, p_prev, ones))
-            plgpu.barrier_arrive(v_cons.at[pslot])
-            return acc * bc(alpha, acc), m_new, l_i, p16
-
-          def skip(t, carry):
-            slot = slot_of(t)
-            plgpu.barrier_arrive(k_cons.at[slot])
-            plgpu.barrier_wait(v_bar.at[slot])
-            turn_begin()
-            turn_end()
-            wait_next_k(t)
-            plgpu.barrier_arrive(v_cons.at[slot])
-            return carry
-
-          def run(carry, segments):
-            """Consecutive computed steps: segments [(lo, hi, mask)] cover [start, end) in order."""
-            start, end = segments[0][0], segments[-1][1]
-            nonempty = start < end
-            carry = lax.cond(nonempty, functools.partial(peel, start), lambda c: c, carry)
-            for lo, hi, mask in segments:
-              carry = lax.fori_loop(lax.max(lo, start + 1), hi, functools.partial(steady, mask=mask), carry)
-            return lax.cond(nonempty, functools.partial(flush, end - 1), lambda c: c, carry)
-
-          p0 = plgpu.layout_cast(jnp.zeros((bq, bkv), dtype), plgpu.Layout.WGMMA)
-          carry = (acc, m_i, l_i, p0)
-          # Sink part: whole sink blocks unmasked, the partial one masked.
-          carry = run(carry, [(i32(0), seg_sink_nomask, None), (seg_sink_nomask, s_cta, "full")])
-          # Window part: skip what only the other warpgroup needs, mask the edges.
-          carry = lax.fori_loop(s_cta, to_step(lo_need), skip, carry)
-          carry = run(carry, [(to_step(lo_need), to_step(m0), "full"), (to_step(m0), to_step(m1), None),
-                              (to_step(m1), to_step(hi_wg), "causal")])
-          carry = lax.fori_loop(to_step(hi_wg), n_cta, skip, carry)
-          return carry[:3]
-
-        if cfg.overlap:
-          acc, m_i, l_i = overlapped_steps(acc, m_i, l_i)
-        else:
-          sched_start()
-
-          def skip_step(t, carry):
-            slot = slot_of(t)
-            plgpu.barrier_arrive(k_cons.at[slot])
-            sched_after_qk()
-            sched_before_pv(slot)
-            wait_next_k(t)
-            plgpu.barrier_arrive(v_cons.at[slot])
-            return carry
-
-          def compute_step(t, carry, mask: str | None):
-            acc, m_i, l_i = carry
-            slot = slot_of(t)
-            bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
-
-            def compute_qk(acc_ref):
-              plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].T)
-              sched_after_qk()
               return acc_ref[...]
 
-            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
-            plgpu.barrier_arrive(k_cons.at[slot])
-            if mask is not None:
-              # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
-              # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
-              k0 = block_of(t, sch) * bkv
-              rowi = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
-              last = rowi + (a - k0)
-              cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-              vis = cols <= bcast(last, s.shape)
-              if mask == "full":
-                vis = vis & ((cols < sink - k0) | (cols > bcast(last - window_eff, s.shape)))
-              s = jnp.where(vis, s, -jnp.inf)
-              m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-              m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            else:
-              m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-              m_use = m_new
-            alpha = jnp.exp2(m_i - m_use)
-            p = jnp.exp2(s * c2 - bcast(m_use, s.shape))
-            acc = acc * bcast(alpha, acc.shape)
-            l_i = l_i * alpha
-            p16 = p.astype(dtype)
+            acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((bq, D), jnp.float32))
+          else:
+            def compute_pv(acc_ref):
+              plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+              wait_next_k(t)
 
-            def end_softmax_barriers():
-              sched_before_pv(slot)
+            acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+          plgpu.barrier_arrive(v_cons.at[slot])
+          return acc, m_new, l_i
 
-            if D <= 128:
-              l_i = l_i + p.sum(axis=1)
-              acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-              end_softmax_barriers()
-            else:
-              end_softmax_barriers()
-              l_i = l_i + p.sum(axis=1)
+        nomask_step = functools.partial(compute_step, mask=None)
+        mask_step = functools.partial(compute_step, mask="full")        # causal & (sink | window)
+        causal_step = functools.partial(compute_step, mask="causal")    # blocks past the window's left edge
+        carry = (acc, m_i, l_i)
+        # Sink part: whole sink blocks unmasked, the partial one masked.
+        carry = lax.fori_loop(i32(0), seg_sink_nomask, nomask_step, carry)
+        carry = lax.fori_loop(seg_sink_nomask, s_cta, mask_step, carry)
+        # Window part: skip what only the other warpgroup needs, mask the edges.
+        carry = lax.fori_loop(s_cta, to_step(lo_need), skip_step, carry)
+        carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
+        carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
+        carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
+        carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
+        acc, m_i, l_i = carry
 
-            if interpret:
-              p_smem = p_smem2.at[wg]
-              p_smem[...] = p16
-              plgpu.commit_smem()
-
-              def compute_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-                wait_next_k(t)
-                return acc_ref[...]
-
-              acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((bq, D), jnp.float32))
-            else:
-              def compute_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                wait_next_k(t)
-
-              acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_cons.at[slot])
-            return acc, m_new, l_i
-
-          nomask_step = functools.partial(compute_step, mask=None)
-          mask_step = functools.partial(compute_step, mask="full")        # causal & (sink | window)
-          causal_step = functools.partial(compute_step, mask="causal")    # blocks past the window's left edge
-          carry = (acc, m_i, l_i)
-          # Sink part: whole sink blocks unmasked, the partial one masked.
-          carry = lax.fori_loop(i32(0), seg_sink_nomask, nomask_step, carry)
-          carry = lax.fori_loop(seg_sink_nomask, s_cta, mask_step, carry)
-          # Window part: skip what only the other warpgroup needs, mask the edges.
-          carry = lax.fori_loop(s_cta, to_step(lo_need), skip_step, carry)
-          carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
-          carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
-          carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
-          carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
-          acc, m_i, l_i = carry
-
-          sched_end()
+        sched_end()
 
         l_ok = l_i > 0.0
         inv_l = 1.0 / jnp.where(l_ok, l_i, 1.0)
@@ -611,14 +425,10 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, q_head, pl.ds(row0, bq)])
         return g0 + n_cta
 
-      if cfg.overlap:  # the turns run on across tiles: both warpgroups take n_cta turns per tile
-        turn_first()
       if cfg.persistent:
         lax.fori_loop(i32(0), n_my, tile_body, i32(0))
       else:
         tile_body(0, 0)  # static zeros: fewer live registers in the one-tile-per-CTA kernel
-      if cfg.overlap:
-        turn_last()
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == 2)
@@ -674,7 +484,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
 
   smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
   scratch = [
-      smem((q_bufs * 2, bq, D)),  # [Q buffer * 2 + warpgroup]
+      smem((q_bufs, 2, bq, D)),
       smem((stages, bkv, D)),
       smem((stages, bkv, D)),
       plgpu.SMEM((2, bq), jnp.float32),
@@ -685,7 +495,6 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2),
-      plgpu.Barrier(num_barriers=2),  # turn barriers of the overlapped loop's ping-pong (mbarrier variant)
   ]
   out_type = (jax.ShapeDtypeStruct((B, sq_pad, Hq, D), dtype),
               jax.ShapeDtypeStruct((B, Hq, sq_pad), jnp.float32))
@@ -699,6 +508,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           approx_math=True,
+          unsafe_no_auto_barriers=cfg.no_auto_barriers,
           **({} if cfg.reduction_scratch_bytes is None
              else dict(reduction_scratch_bytes=cfg.reduction_scratch_bytes))),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
