@@ -10,6 +10,9 @@ Stages (each a subprocess; a failing stage is recorded and the next one runs):
   attention   benchmarks/bench_attention.py (cuDNN, tokamax, XLA baselines in the same run)
   decodebench benchmarks/bench_decode.py
   efficiency  benchmarks/bench_efficiency.py for Llama-2-7B (25%) and Llama-3-8B (50%) shapes
+  efficiency-decode   decode rows of both efficiency runs only (32 tokens per timed call)
+  gemv        benchmarks/bench_gemv.py (XLA batch-1 projections, weight TB/s)
+  profile-decode      benchmarks/profile_decode.py: GPU time per kernel of Llama-2-7B decode steps at 128k
 Everything the stages write lands in /tmp/duojax_results, packed into $OUT/results.tar.gz (the device tool
 returns at most 8 files), with a summary in $OUT/suite.json.
 """
@@ -44,6 +47,11 @@ def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
     return [[py, str(b / "gpu_model_check.py"), "--out", str(out)], [py, "-m", "duojax.demo"]]
   if stage == "prefill":
     return [[py, str(b / "gpu_prefill_check.py")]]
+  if stage == "gemv":
+    return [[py, str(b / "bench_gemv.py")]]
+  if stage == "profile-decode":
+    return [[py, str(b / "profile_decode.py"), "--model", "llama2-7b", "--ratio", r, "--context", "131072",
+             "--steps", "32", "--top", "8"] for r in ("0.25", "1.0")]
   if stage == "decode":
     return [[py, str(b / "gpu_decode_check.py")]]
   if stage == "attention":
@@ -54,9 +62,9 @@ def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
     return [[py, str(b / "bench_efficiency.py"), *args, "--out", str(out)] for args in EFFICIENCY]
   if stage == "efficiency-decode":  # decode rows only (prefill unchanged), both models, one call
     return [[py, str(b / "bench_efficiency.py"), "--model", "llama2-7b", "--ratios", "1.0,0.25", "--contexts",
-             "32768,131072", "--decode-steps", "8", "--iters", "2", "--fit-check", "--out", str(out)],
+             "32768,131072", "--decode-steps", "32", "--iters", "2", "--fit-check", "--out", str(out)],
             [py, str(b / "bench_efficiency.py"), "--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts",
-             "131072", "--decode-steps", "8", "--iters", "2", "--fit-check", "--at-full-fit", "--out", str(out)]]
+             "131072", "--decode-steps", "32", "--iters", "2", "--fit-check", "--at-full-fit", "--out", str(out)]]
   if stage in ("efficiency-llama2", "efficiency-llama3"):
     args = EFFICIENCY[0 if stage.endswith("llama2") else 1]
     return [[py, str(b / "bench_efficiency.py"), *args, "--out", str(out)]]
