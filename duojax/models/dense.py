@@ -23,8 +23,8 @@ def dense(params: Mapping[str, jax.Array], x: jax.Array, *, dtype=None) -> jax.A
     if "u" in params or "v" in params:
       raise ValueError("a dense layer holds either 'kernel' or the factors 'u' and 'v', not both")
     # Without a bias, a dot that outputs ``dtype`` directly (XLA still accumulates in float32 and rounds once,
-    # as the cast below would): on an H200 XLA's batch-1 decode GEMVs run 15-50% faster that way
-    # (benchmarks/bench_gemv.py).
+    # as the cast below would). On an H200 XLA then picks faster batch-1 GEMVs: 36% less GEMV time per Llama-2-7B
+    # decode step (benchmarks/profile_decode.py), 3-50% standalone (benchmarks/bench_gemv.py).
     y = jnp.einsum("...i,io->...o", x, params["kernel"].astype(dtype),
                    preferred_element_type=jnp.float32 if has_bias else None)
   elif "u" in params and "v" in params:
