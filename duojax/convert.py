@@ -519,13 +519,28 @@ def convert(*, hf: str | None = None, gguf: str | None = None, out: str | os.Pat
     _publish(tmp, out, force)
   except BaseException:
     bar.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_tree(tmp)
     raise
   stats["seconds"] = time.time() - t0
   stats["peak_rss_mb"] = peak_rss_mb()
   log.info("wrote %s in %.1f s; peak host memory (ru_maxrss) %.0f MiB, largest tensor %.0f MiB", out,
            stats["seconds"], stats["peak_rss_mb"], stats["largest_tensor_mb"])
   return {**meta, "stats": stats}
+
+
+def _remove_tree(path: Path, *, settle: float = 0.2, timeout: float = 10.0) -> None:
+  """Deletes ``path`` and makes sure it stays deleted: after a failed save, writes that orbax had already handed
+  to its I/O threads can still land for a moment and recreate files under it (seen in CI)."""
+  deadline = time.time() + timeout
+  while True:
+    shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+      time.sleep(settle)
+      if not path.exists() or time.time() > deadline:
+        return
+    elif time.time() > deadline:
+      log.warning("could not remove the temporary directory %s", path)
+      return
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:

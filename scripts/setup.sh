@@ -8,9 +8,20 @@ cd "$(dirname "$0")/.."
 
 is_312() { "$@" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }
 
+is_exact_312() { "$@" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' >/dev/null 2>&1; }
+
 find_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
-  for cand in python3.12 python3.13 python3; do
+  # Python 3.12 first: the version the GPU machines run with jax 0.11.2.
+  if command -v python3.12 >/dev/null && is_exact_312 python3.12; then command -v python3.12; return; fi
+  if command -v pyenv >/dev/null; then
+    local root v
+    root=$(pyenv root)
+    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$' | sort -V -r); do
+      if is_exact_312 "$root/versions/$v/bin/python"; then echo "$root/versions/$v/bin/python"; return; fi
+    done
+  fi
+  for cand in python3.13 python3; do
     if command -v "$cand" >/dev/null && is_312 "$cand"; then command -v "$cand"; return; fi
   done
   if command -v pyenv >/dev/null; then  # pyenv shims need a version selected: take the newest 3.12+ installed
