@@ -33,6 +33,7 @@ from duojax.cache import DuoCache, LayerCache, cache_bytes, init_cache, ring_slo
 from duojax.config import DuoSpec, LlamaConfig
 from duojax.generate import Generator
 from duojax.models.llama import Llama
+from duojax.models import dense as dense_module
 
 MODELS = {
     "llama2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -216,15 +217,20 @@ def main(argv=None):
   ap.add_argument("--at-full-fit", action="store_true",
                   help="also time every ratio at the largest context all-full attention fits (ratio 1.0 first)")
   ap.add_argument("--impl", default="auto")
+  ap.add_argument("--xla-projections", action="store_true",
+                  help="decode projections as XLA dots instead of the Mosaic-GPU GEMV (for comparison)")
   ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   args = ap.parse_args(argv)
+  if args.xla_projections:
+    dense_module.GEMV_MAX_ROWS = 0
   config = MODELS[args.model]
   dtype = jnp.bfloat16 if args.model != "tiny" else jnp.float32
   device = jax.devices()[0]
   results = {"model": args.model, "device": device.device_kind, "platform": device.platform,
              "jax_version": jax.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
              "dtype": jnp.dtype(dtype).name, "batch": 1, "sink": SINK, "window": WINDOW,
-             "config": dataclasses.asdict(config), "decode": [], "prefill": []}
+             "config": dataclasses.asdict(config), "decode": [], "prefill": [],
+             "projections": "xla" if args.xla_projections else "gemv kernel where it applies"}
   contexts = [int(c) for c in args.contexts.split(",")]
   full_fit = None
   for ratio in (float(r) for r in args.ratios.split(",")):
@@ -247,7 +253,7 @@ def main(argv=None):
   summarize(results)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  tag = device.device_kind.replace(" ", "_")
+  tag = device.device_kind.replace(" ", "_") + ("_xla_projections" if args.xla_projections else "")
   (out / f"efficiency_{args.model}_{tag}.json").write_text(json.dumps(results, indent=1))
   plot(results, out / f"efficiency_{args.model}_{tag}.png")
 

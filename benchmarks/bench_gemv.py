@@ -1,12 +1,18 @@
-"""Batch-1 decode projections (GEMV, y[1, N] = x[1, K] @ W[K, N], bf16) in XLA: weight bytes read per second for
-the formulations XLA may pick a kernel for, at the Llama-7B/8B projection shapes. Decode reads every weight once
-per token, so this rate bounds the non-attention part of the per-token latency.
+"""Batch-1 decode projections (GEMV, ``y [1, N] = x [1, K] @ W [K, N]``, bf16): weight bytes read per second,
+XLA's dot against duojax's Mosaic-GPU GEMV (``duojax.kernels.gemv_mgpu``), at the Llama-2-7B / Llama-3-8B
+projection shapes (fused QKV and gate/up included). Decode reads every weight once per token, so this rate
+bounds the non-attention part of the per-token latency.
+
+Each timed call runs the projection over ``--layers`` distinct weight matrices (as a decode step runs one per
+layer), so the weights do not sit in L2 between calls and the launch overhead is that of a jitted step.
 
     python benchmarks/bench_gemv.py
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import statistics
@@ -14,52 +20,83 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from duojax.kernels import gemv_mgpu
+
+# name -> (K, [N of each matrix]); several matrices = one projection group (XLA: one dot each; the kernel: one
+# launch for the group, as the model runs them)
+SHAPES = {
+    "llama2 q/o": (4096, [4096]), "llama2 q,k,v": (4096, [4096, 4096, 4096]), "llama2 gate|up": (4096, [11008]),
+    "llama2 gate,up": (4096, [11008, 11008]), "llama2 down": (11008, [4096]), "llama2 lm_head": (4096, [32000]),
+    "llama3 q,k,v": (4096, [4096, 1024, 1024]), "llama3 gate,up": (4096, [14336, 14336]),
+    "llama3 down": (14336, [4096]), "llama3 lm_head": (4096, [128256]),
+}
 
 
-def einsum_f32acc(x, w):
-  return jnp.einsum("bi,io->bo", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+def xla_dot(x, ws):
+  return [jnp.einsum("bi,io->bo", x, w) for w in ws]
 
 
-def mul_reduce(x, w):
-  return jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None], axis=1).astype(x.dtype)
+def pallas(config=None):
+  return lambda x, ws: gemv_mgpu.gemv_multi(x, ws, config=config)
 
 
-def einsum_bf16out(x, w):
-  return jnp.einsum("bi,io->bo", x, w)
-
-
-VARIANTS = {"einsum_f32acc": einsum_f32acc, "mul_reduce": mul_reduce, "einsum_bf16out": einsum_bf16out}
-
-
-def bench(fn, x, w, iters=50):
-  f = jax.jit(fn)
-  jax.block_until_ready(f(x, w))
-  samples = []
-  for _ in range(5):
+def bench(fn, x, ws, samples=7, iters=10):
+  f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
+  jax.block_until_ready(f(x, ws))
+  out = []
+  for _ in range(samples):
     t0 = time.perf_counter()
     for _ in range(iters):
-      y = f(x, w)
+      y = f(x, ws)
     jax.block_until_ready(y)
-    samples.append((time.perf_counter() - t0) / iters)
-  return statistics.median(samples)
+    out.append((time.perf_counter() - t0) / iters / len(ws))
+  return statistics.median(out), out
 
 
-def main():
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+  ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--sweep", action="store_true", help="also time other split / stage choices of the kernel")
+  args = ap.parse_args(argv)
   rows = []
-  for K, N in ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (4096, 32000)):
-    w = (0.02 * jax.random.normal(jax.random.key(0), (K, N), jnp.float32)).astype(jnp.bfloat16)
-    x = jax.random.normal(jax.random.key(1), (1, K), jnp.float32).astype(jnp.bfloat16)
-    ref = einsum_f32acc(x, w).astype(jnp.float32)
-    for name, fn in VARIANTS.items():
-      t = bench(fn, x, w)
-      err = float(jnp.max(jnp.abs(fn(x, w).astype(jnp.float32) - ref)))
-      rows.append(dict(K=K, N=N, variant=name, us=t * 1e6, tb_s=w.nbytes / t / 1e12, max_abs_diff=err))
-      print(f"K={K:>6} N={N:>6} {name:>16}: {t * 1e6:8.1f} us  {w.nbytes / t / 1e12:5.2f} TB/s  diff {err:.2e}",
-            flush=True)
+  for name in args.shapes:
+    K, Ns = SHAPES[name]
+    N = sum(Ns)
+    ws = [tuple((0.02 * jax.random.normal(jax.random.key(i * 8 + j), (K, n), jnp.float32)).astype(jnp.bfloat16)
+                for j, n in enumerate(Ns)) for i in range(args.layers)]
+    x = jax.random.normal(jax.random.key(99), (1, K), jnp.float32).astype(jnp.bfloat16)
+    ref = np.asarray(x, np.float64) @ np.concatenate([np.asarray(w, np.float64) for w in ws[0]], axis=1)
+    variants = {"xla": xla_dot, "pallas": pallas()}
+    if args.sweep:
+      base = gemv_mgpu.pick_gemv_config(K, N)
+      for cps in (1, 3):
+        variants[f"pallas cps{cps}"] = pallas(gemv_mgpu.pick_gemv_config(K, N, ctas_per_sm=cps))
+      variants["pallas stages6"] = pallas(gemv_mgpu.pick_gemv_config(K, N, num_stages=6))
+      variants["pallas splits1"] = pallas(gemv_mgpu.GemvConfig(base.block_k, base.num_stages, 1))
+      variants["pallas splits x2"] = pallas(gemv_mgpu.GemvConfig(base.block_k, base.num_stages, 2 * base.splits))
+    for vname, fn in variants.items():
+      t, samples = bench(fn, x, ws)
+      y = np.concatenate([np.asarray(a, np.float64) for a in jax.jit(fn)(x, ws[0])], axis=1)
+      err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
+      cfg = gemv_mgpu.pick_gemv_config(K, N) if vname == "pallas" else None
+      rows.append(dict(shape=name, K=K, N=N, variant=vname, us=t * 1e6, tb_s=K * N * 2 / t / 1e12,
+                       rel_err_vs_f64=err, samples_us=[s * 1e6 for s in samples],
+                       config=dataclass_dict(cfg)))
+      print(f"{name:>15} K={K:>6} N={N:>6} {vname:>15}: {t * 1e6:8.1f} us  {K * N * 2 / t / 1e12:5.2f} TB/s  "
+            f"rel err {err:.1e}", flush=True)
   out = os.environ.get("OUT")
   if out:
-    with open(os.path.join(out, "gemv.json"), "w") as f:
-      json.dump(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, rows=rows), f, indent=1)
+    with open(os.path.join(out, f"gemv_{jax.devices()[0].device_kind.replace(' ', '_')}.json"), "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
+                     date=datetime.date.today().isoformat(), layers=args.layers, rows=rows), f, indent=1)
+
+
+def dataclass_dict(cfg):
+  import dataclasses
+  return None if cfg is None else dataclasses.asdict(cfg)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ Stages (each a subprocess; a failing stage is recorded and the next one runs):
   decodebench benchmarks/bench_decode.py
   efficiency  benchmarks/bench_efficiency.py for Llama-2-7B (25%) and Llama-3-8B (50%) shapes
   efficiency-decode   decode rows of both efficiency runs only (32 tokens per timed call)
-  gemv        benchmarks/bench_gemv.py (XLA batch-1 projections, weight TB/s)
-  profile-decode      benchmarks/profile_decode.py: GPU time per kernel of Llama-2-7B decode steps at 128k
+  efficiency-decode-quick  the two target rows: Llama-2 at 128k (GEMV kernel and XLA projections), Llama-3 at
+              all-full's largest context
+  gemv        benchmarks/bench_gemv.py (XLA dots vs the Mosaic-GPU GEMV, weight TB/s)
+  profile-decode      benchmarks/profile_decode.py: GPU time per kernel of Llama-2-7B duo decode steps at 128k,
+              with the GEMV kernel and with XLA projections
 Everything the stages write lands in /tmp/duojax_results, packed into $OUT/results.tar.gz (the device tool
 returns at most 8 files), with a summary in $OUT/suite.json.
 """
@@ -38,6 +41,11 @@ EFFICIENCY = [
 ]
 
 
+# The largest context all-full Llama-3-8B decode fits on an H200 (141 GB), verified by bench_efficiency.py
+# --fit-check in session 2 (899,840), less the 32 decode steps and 64 tokens of margin it times at.
+LLAMA3_FULL_FIT = 899744
+
+
 def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
   py = sys.executable
   b = ROOT / "benchmarks"
@@ -49,10 +57,18 @@ def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
   if stage == "prefill":
     return [[py, str(b / "gpu_prefill_check.py")]]
   if stage == "gemv":
-    return [[py, str(b / "bench_gemv.py")]]
+    sweep = ["llama2 q/o", "llama2 q,k,v", "llama2 gate,up", "llama2 down", "llama3 q,k,v", "llama3 gate,up"]
+    rest = ["llama2 gate|up", "llama2 lm_head", "llama3 down", "llama3 lm_head"]
+    return [[py, str(b / "bench_gemv.py"), "--sweep", "--shapes", *sweep], [py, str(b / "bench_gemv.py"),
+                                                                           "--shapes", *rest]]
   if stage == "profile-decode":
-    return [[py, str(b / "profile_decode.py"), "--model", "llama2-7b", "--ratio", r, "--context", "131072",
-             "--steps", "32", "--top", "8"] for r in ("0.25", "1.0")]
+    return [[py, str(b / "profile_decode.py"), "--model", "llama2-7b", "--ratio", "0.25", "--context", "131072",
+             "--steps", "16", "--top", "45", *extra] for extra in ([], ["--xla-projections"])]
+  if stage == "efficiency-decode-quick":  # the two target rows only: Llama-2 at 128k, Llama-3 at all-full's fit
+    eff = [py, str(b / "bench_efficiency.py"), "--decode-steps", "32", "--iters", "2", "--out", str(out)]
+    return [[*eff, "--model", "llama2-7b", "--ratios", "1.0,0.25", "--contexts", "131072", *extra]
+            for extra in ([], ["--xla-projections"])] + [
+            [*eff, "--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts", str(LLAMA3_FULL_FIT)]]
   if stage == "decode":
     return [[py, str(b / "gpu_decode_check.py")]]
   if stage == "attention":

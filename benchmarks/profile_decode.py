@@ -25,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_efficiency import MODELS, SINK, WINDOW, duo_spec, gen_sampling, random_cache, random_model, set_length  # noqa: E402
 
 from duojax.generate import Generator  # noqa: E402
+from duojax.models import dense as dense_module  # noqa: E402
 
 
 def gpu_kernel_times(trace_dir: pathlib.Path) -> dict[str, list[float]]:
@@ -51,7 +52,10 @@ def main(argv=None):
   ap.add_argument("--context", type=int, default=131072)
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--top", type=int, default=25)
+  ap.add_argument("--xla-projections", action="store_true", help="XLA dots instead of the Mosaic-GPU GEMV")
   args = ap.parse_args(argv)
+  if args.xla_projections:
+    dense_module.GEMV_MAX_ROWS = 0
   config = MODELS[args.model]
   dtype = jnp.bfloat16 if args.model != "tiny" else jnp.float32
   duo = duo_spec(config, args.ratio)

@@ -160,10 +160,13 @@ def chunk_step(q, k, v, lc: LayerCache, *, full, start: int, valid_len, sink: in
   return out, LayerCache(k_full, v_full, k_ring, v_ring, ring_pos)
 
 
-def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: int, impl: str):
+def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: int, impl: str, ring_pos=None):
   """Attention for one new token per sequence at position ``lengths[b]``, and the new cache.
 
   ``q [B, 1, Hq, D]``, ``k/v [B, 1, Hkv, D]``; ``lengths [B]``: tokens already cached (the new token's position).
+  ``ring_pos [B, sink + window]``: the ring positions after this token's write, if already computed (they are
+  the same in every layer; :func:`decode` computes them once per step, so the visibility mask derived from
+  them is one computation for all layers).
   """
   from duojax.kernels.decode import duo_decode_attention
   q, k, v, nf, inv = _split_heads(q, k, v, full)
@@ -176,7 +179,8 @@ def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: in
   slot = ring_slot(lengths, sink, window)
   k_ring = lc.k_ring.at[rows, slot].set(k[:, 0, nf:].astype(lc.k_ring.dtype))
   v_ring = lc.v_ring.at[rows, slot].set(v[:, 0, nf:].astype(lc.v_ring.dtype))
-  ring_pos = lc.ring_pos.at[rows, slot].set(lengths)
+  if ring_pos is None:
+    ring_pos = lc.ring_pos.at[rows, slot].set(lengths)
   out = duo_decode_attention(q[:, 0], k_full, v_full, lengths + 1, k_ring, v_ring, ring_pos, sink=sink,
                              window=window, impl=impl)[:, None]
   if inv is not None:
@@ -202,7 +206,11 @@ def prefill_chunk(model, tokens, cache: DuoCache, *, start: int, valid_len, impl
 def decode(model, tokens, cache: DuoCache, *, impl: str = "auto"):
   """One decode step: ``tokens [B]`` at positions ``cache.lengths``; returns ``(logits [B, V], cache)``."""
   positions = cache.lengths[:, None]
-  step = functools.partial(decode_step, lengths=cache.lengths, sink=model.duo.sink, window=model.duo.window,
-                           impl=impl)
+  sink, window = model.duo.sink, model.duo.window
+  # Every layer's ring holds the same positions (they depend on the lengths only): update them once.
+  rows = jnp.arange(tokens.shape[0])
+  ring_pos = cache.layers[0].ring_pos.at[rows, ring_slot(cache.lengths, sink, window)].set(cache.lengths)
+  step = functools.partial(decode_step, lengths=cache.lengths, sink=sink, window=window, impl=impl,
+                           ring_pos=ring_pos)
   logits, layers = model(tokens[:, None], positions, cache=cache.layers, cache_step=step, impl=impl)
   return logits[:, 0], DuoCache(layers, cache.lengths + 1)

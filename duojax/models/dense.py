@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 PARAM_NAMES = ("kernel", "u", "v", "bias")
+GEMV_MAX_ROWS = 16  # decode-sized inputs: at most this many rows take the Mosaic-GPU GEMV on the kernel path
 
 
 def dense(params: Mapping[str, jax.Array], x: jax.Array, *, dtype=None) -> jax.Array:
@@ -36,3 +37,38 @@ def dense(params: Mapping[str, jax.Array], x: jax.Array, *, dtype=None) -> jax.A
   if has_bias:
     y = y.astype(jnp.float32) + params["bias"].astype(jnp.float32)
   return y.astype(dtype)
+
+
+def _gemv_applies(params_list, x, dtype) -> bool:
+  from duojax.kernels.gemv_mgpu import gemv_supported  # noqa: PLC0415 (Mosaic-GPU imports only when asked)
+  rows = 1
+  for d in x.shape[:-1]:
+    rows *= d
+  if rows > GEMV_MAX_ROWS:
+    return False
+  for p in params_list:
+    if set(k for k in p if p[k] is not None) != {"kernel"}:
+      return False
+    w = p["kernel"]
+    if w.dtype != dtype or not gemv_supported(rows, w.shape[0], w.shape[1], dtype):
+      return False
+  return True
+
+
+def dense_group(params_list, x: jax.Array, *, dtype=None, impl: str = "reference") -> list[jax.Array]:
+  """``[dense(p, x) for p in params_list]`` (projections of one input, e.g. q, k, v or gate, up).
+
+  On the kernel path (``impl`` "auto" or "pallas" on a Hopper GPU), decode-sized inputs (at most
+  ``GEMV_MAX_ROWS`` rows) with plain bias-free ``kernel`` weights in the compute dtype run as ONE Mosaic-GPU
+  GEMV launch (:func:`duojax.kernels.gemv_mgpu.gemv_multi`: float32 accumulation, one rounding, as ``dense``).
+  Anything else runs :func:`dense` per projection.
+  """
+  dtype = jnp.dtype(dtype or x.dtype)
+  if impl in ("auto", "pallas"):
+    from duojax.kernels.hardware import hopper_device_kind  # noqa: PLC0415
+    if hopper_device_kind() is not None and _gemv_applies(params_list, x, dtype):
+      from duojax.kernels.gemv_mgpu import gemv_multi  # noqa: PLC0415
+      lead = x.shape[:-1]
+      ys = gemv_multi(x.astype(dtype).reshape(-1, x.shape[-1]), [p["kernel"] for p in params_list])
+      return [y.reshape(*lead, y.shape[-1]) for y in ys]
+  return [dense(p, x, dtype=dtype) for p in params_list]

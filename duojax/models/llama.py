@@ -17,7 +17,7 @@ from flax import nnx
 
 from duojax.config import DuoSpec, LlamaConfig
 from duojax.kernels.dispatch import prefill_attention
-from duojax.models.dense import PARAM_NAMES, dense
+from duojax.models.dense import PARAM_NAMES, dense, dense_group
 from duojax.models.rope import apply_rope, rope_inv_freq
 
 SUPPORTED_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -47,9 +47,11 @@ class Linear(nnx.Module):
     if use_bias:
       self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
 
-  def __call__(self, x, dtype=None):
-    params = {n: getattr(self, n)[...] for n in PARAM_NAMES if hasattr(self, n)}
-    return dense(params, x, dtype=dtype)
+  def params(self) -> dict:
+    return {n: getattr(self, n)[...] for n in PARAM_NAMES if hasattr(self, n)}
+
+  def __call__(self, x, dtype=None, impl: str = "reference"):
+    return dense_group([self.params()], x, dtype=dtype, impl=impl)[0]
 
 
 class RMSNorm(nnx.Module):
@@ -82,9 +84,10 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, *, sink, window, impl, layer_cache=None, cache_step=None):
     B, S, _ = x.shape
-    q = self.q(x).reshape(B, S, self.num_heads, self.head_dim)
-    k = self.k(x).reshape(B, S, self.num_kv_heads, self.head_dim)
-    v = self.v(x).reshape(B, S, self.num_kv_heads, self.head_dim)
+    q, k, v = dense_group([self.q.params(), self.k.params(), self.v.params()], x, impl=impl)
+    q = q.reshape(B, S, self.num_heads, self.head_dim)
+    k = k.reshape(B, S, self.num_kv_heads, self.head_dim)
+    v = v.reshape(B, S, self.num_kv_heads, self.head_dim)
     inv_freq = rope_inv_freq(self.head_dim, self.config.rope_theta, self.config.rope_scaling)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
@@ -94,7 +97,7 @@ class Attention(nnx.Module):
     else:
       out, new_cache = cache_step(q, k, v, layer_cache, full=self.full)
     out = out.reshape(B, S, self.num_heads * self.head_dim)
-    return self.o(out), new_cache
+    return self.o(out, impl=impl), new_cache
 
 
 class MLP(nnx.Module):
@@ -104,8 +107,9 @@ class MLP(nnx.Module):
     self.up = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, param_dtype=param_dtype, rngs=rngs)
     self.down = Linear(c.intermediate_size, c.hidden_size, use_bias=c.mlp_bias, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x):
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+  def __call__(self, x, impl: str = "reference"):
+    gate, up = dense_group([self.gate.params(), self.up.params()], x, impl=impl)
+    return self.down(jax.nn.silu(gate) * up, impl=impl)
 
 
 class DecoderLayer(nnx.Module):
@@ -118,7 +122,7 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, positions, **kw):
     h, new_cache = self.attn(self.input_norm(x), positions, **kw)
     x = x + h
-    x = x + self.mlp(self.post_attn_norm(x))
+    x = x + self.mlp(self.post_attn_norm(x), impl=kw["impl"])
     return x, new_cache
 
 
@@ -166,7 +170,7 @@ class Llama(nnx.Module):
       logits = jnp.einsum("bsh,vh->bsv", x, self.embed[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
     else:
-      logits = self.lm_head(x).astype(jnp.float32)
+      logits = self.lm_head(x, impl=impl).astype(jnp.float32)
     logits = logits.astype(jnp.float32)
     if cache is None:
       return logits
