@@ -33,6 +33,7 @@ from duojax.cache import DuoCache, LayerCache, cache_bytes, init_cache, ring_slo
 from duojax.config import DuoSpec, LlamaConfig
 from duojax.generate import Generator
 from duojax.models.llama import Llama
+from duojax.kernels import gemv_mgpu
 from duojax.models import dense as dense_module
 
 MODELS = {
@@ -220,9 +221,12 @@ def main(argv=None):
   ap.add_argument("--xla-projections", action="store_true",
                   help="decode projections as XLA dots instead of the Mosaic-GPU GEMV (for comparison)")
   ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+  ap.add_argument("--gemv-block-n", type=int, default=0, help="GEMV kernel column tile (0: the default)")
   args = ap.parse_args(argv)
   if args.xla_projections:
     dense_module.GEMV_MAX_ROWS = 0
+  if args.gemv_block_n:
+    gemv_mgpu.DEFAULT_BLOCK_N = args.gemv_block_n
   config = MODELS[args.model]
   dtype = jnp.bfloat16 if args.model != "tiny" else jnp.float32
   device = jax.devices()[0]
@@ -230,7 +234,8 @@ def main(argv=None):
              "jax_version": jax.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
              "dtype": jnp.dtype(dtype).name, "batch": 1, "sink": SINK, "window": WINDOW,
              "config": dataclasses.asdict(config), "decode": [], "prefill": [],
-             "projections": "xla" if args.xla_projections else "gemv kernel where it applies"}
+             "projections": "xla" if args.xla_projections else "gemv kernel where it applies",
+             "gemv_block_n": gemv_mgpu.DEFAULT_BLOCK_N}
   contexts = [int(c) for c in args.contexts.split(",")]
   full_fit = None
   for ratio in (float(r) for r in args.ratios.split(",")):
@@ -254,6 +259,7 @@ def main(argv=None):
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   tag = device.device_kind.replace(" ", "_") + ("_xla_projections" if args.xla_projections else "")
+  tag += f"_gemv{args.gemv_block_n}" if args.gemv_block_n else ""
   (out / f"efficiency_{args.model}_{tag}.json").write_text(json.dumps(results, indent=1))
   plot(results, out / f"efficiency_{args.model}_{tag}.png")
 

@@ -71,17 +71,21 @@ def main(argv=None):
     ref = np.asarray(x, np.float64) @ np.concatenate([np.asarray(w, np.float64) for w in ws[0]], axis=1)
     variants = {"xla": xla_dot, "pallas": pallas()}
     if args.sweep:
-      base = gemv_mgpu.pick_gemv_config(K, N)
+      base = gemv_mgpu.pick_gemv_config(K, tuple(Ns))
       for cps in (1, 3):
-        variants[f"pallas cps{cps}"] = pallas(gemv_mgpu.pick_gemv_config(K, N, ctas_per_sm=cps))
-      variants["pallas stages6"] = pallas(gemv_mgpu.pick_gemv_config(K, N, num_stages=6))
-      variants["pallas splits1"] = pallas(gemv_mgpu.GemvConfig(base.block_k, base.num_stages, 1))
-      variants["pallas splits x2"] = pallas(gemv_mgpu.GemvConfig(base.block_k, base.num_stages, 2 * base.splits))
+        variants[f"pallas cps{cps}"] = pallas(gemv_mgpu.pick_gemv_config(K, tuple(Ns), ctas_per_sm=cps))
+      for bn in (128, 256):
+        variants[f"pallas bn{bn}"] = pallas(gemv_mgpu.pick_gemv_config(K, tuple(Ns), block_n=bn))
+        variants[f"pallas bn{bn} cps1"] = pallas(gemv_mgpu.pick_gemv_config(K, tuple(Ns), block_n=bn, ctas_per_sm=1))
+      variants["pallas stages6"] = pallas(gemv_mgpu.pick_gemv_config(K, tuple(Ns), num_stages=6))
+      variants["pallas splits1"] = pallas(gemv_mgpu.GemvConfig(base.block_k, base.num_stages, 1, base.block_n))
+      variants["pallas splits x2"] = pallas(gemv_mgpu.GemvConfig(base.block_k, base.num_stages, 2 * base.splits,
+                                                                        base.block_n))
     for vname, fn in variants.items():
       t, samples = bench(fn, x, ws)
       y = np.concatenate([np.asarray(a, np.float64) for a in jax.jit(fn)(x, ws[0])], axis=1)
       err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
-      cfg = gemv_mgpu.pick_gemv_config(K, N) if vname == "pallas" else None
+      cfg = gemv_mgpu.pick_gemv_config(K, tuple(Ns)) if vname == "pallas" else None
       rows.append(dict(shape=name, K=K, N=N, variant=vname, us=t * 1e6, tb_s=K * N * 2 / t / 1e12,
                        rel_err_vs_f64=err, samples_us=[s * 1e6 for s in samples],
                        config=dataclass_dict(cfg)))

@@ -36,6 +36,7 @@ def _check_close(ys, x, ws):
     (3, 512, [192], gemv_mgpu.GemvConfig(128, 2, 2)),       # split-K, rows padded to 8
     (9, 384, [64], gemv_mgpu.GemvConfig(64, 3, 4)),         # 16 rows, K in 64-wide tiles, uneven splits
     (2, 256, [128, 64, 192], gemv_mgpu.GemvConfig(128, 2, 2)),  # one launch for three matrices
+    (1, 256, [256, 128], gemv_mgpu.GemvConfig(64, 2, 2, block_n=128)),  # 128-column tiles (wgmma M = 128)
 ])
 def test_interpret_vs_float64(M, K, Ns, config):
   x, ws = _inputs(np.random.default_rng(M * 7 + K), M, K, Ns)
@@ -50,7 +51,8 @@ def test_interpret_fp16_default_config():
 
 def test_pick_config_covers_every_k_tile():
   for K, N in [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 22016), (576, 1536), (14336, 4096)]:
-    cfg = gemv_mgpu.pick_gemv_config(K, N)
+    cfg = gemv_mgpu.pick_gemv_config(K, N, block_n=256)
+    assert N % cfg.block_n == 0
     k_tiles = K // cfg.block_k
     per = -(-k_tiles // cfg.splits)
     assert K % cfg.block_k == 0 and 1 <= cfg.splits <= k_tiles

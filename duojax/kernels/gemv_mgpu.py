@@ -29,8 +29,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 __all__ = ["GemvConfig", "pick_gemv_config", "gemv", "gemv_multi", "gemv_supported"]
 
-BLOCK_N = 64  # wgmma M (the transposed product's rows): one warpgroup's tile of output columns
+BLOCK_N = 64  # the output-column granularity every weight must have (wgmma M is a multiple of 64)
 MAX_ROWS = 64
+DEFAULT_BLOCK_N = 64  # preferred column tile (64, 128 or 256); the largest <= this that divides every N is used
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class GemvConfig:
   block_k: int = 128
   num_stages: int = 4
   splits: int = 1
+  block_n: int = 64  # output columns per CTA = wgmma M; a weight row segment of 2 * block_n contiguous bytes
 
 
 def _num_sms() -> int:
@@ -56,11 +58,18 @@ def gemv_supported(M: int, K: int, N: int, dtype) -> bool:
           and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
-def pick_gemv_config(K: int, N: int, *, ctas_per_sm: int = 2, num_stages: int = 4) -> GemvConfig:
-  """Block sizes and a split count that give about ``ctas_per_sm`` CTAs per SM (whole waves) for ``[K, N]``."""
-  block_k = 128 if K % 128 == 0 else 64
+def pick_gemv_config(K: int, N: int | tuple[int, ...], *, ctas_per_sm: int = 2, num_stages: int = 4,
+                     block_n: int | None = None) -> GemvConfig:
+  """Block sizes and a split count that give about ``ctas_per_sm`` CTAs per SM (whole waves) for ``[K, N]``
+  (``N``: one width, or the widths of the matrices of one launch)."""
+  Ns = (N,) if isinstance(N, int) else tuple(N)
+  block_n = block_n or DEFAULT_BLOCK_N
+  while block_n > BLOCK_N and any(n % block_n for n in Ns):
+    block_n //= 2
+  # weight tiles of at most 32 KiB (num_stages of them in flight fit SMEM)
+  block_k = 128 if (K % 128 == 0 and block_n <= 128) else 64
   k_tiles = K // block_k
-  n_tiles = N // BLOCK_N
+  n_tiles = sum(Ns) // block_n
   slots = _num_sms() * ctas_per_sm
   best = None
   for splits in range(1, k_tiles + 1):
@@ -73,10 +82,10 @@ def pick_gemv_config(K: int, N: int, *, ctas_per_sm: int = 2, num_stages: int = 
     cost = waves * (per + 2)
     if best is None or cost < best[0]:
       best = (cost, splits)
-  return GemvConfig(block_k=block_k, num_stages=num_stages, splits=best[1])
+  return GemvConfig(block_k=block_k, num_stages=num_stages, splits=best[1], block_n=block_n)
 
 
-def _gemv_body(x_ref, *refs, block_k, num_stages, k_tiles, splits, rows, fast, bounds):
+def _gemv_body(x_ref, *refs, block_k, block_n, num_stages, k_tiles, splits, rows, fast, bounds):
   """One (column tile, split). ``bounds``: the column-tile range ``[lo, hi)`` of each weight matrix."""
   w_refs = refs[:len(bounds)]
   o_ref, x_smem, w_smem, o_smem, x_bar, w_bar = refs[len(bounds):]
@@ -85,13 +94,13 @@ def _gemv_body(x_ref, *refs, block_k, num_stages, k_tiles, splits, rows, fast, b
   per = -(-k_tiles // splits)
   start = sp * per
   n = jnp.clip(k_tiles - start, 0, per)
-  n0 = nt * BLOCK_N
+  n0 = nt * block_n
 
   def issue(step, slot):
     k0 = (start + step) * block_k
     for w_ref, (lo, hi) in zip(w_refs, bounds):
       def _copy(w_ref=w_ref, lo=lo):
-        plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(k0, block_k), pl.ds(n0 - lo * BLOCK_N, BLOCK_N)], w_smem.at[slot],
+        plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(k0, block_k), pl.ds(n0 - lo * block_n, block_n)], w_smem.at[slot],
                                 w_bar.at[slot])
       if len(bounds) == 1:
         _copy()
@@ -125,7 +134,7 @@ def _gemv_body(x_ref, *refs, block_k, num_stages, k_tiles, splits, rows, fast, b
       lax.fori_loop(0, n, step, 0)
 
     acc = pl.run_state(run)(plgpu.ACC.init(
-        plgpu.layout_cast(jnp.zeros((BLOCK_N, rows), jnp.float32), plgpu.Layout.WGMMA)))
+        plgpu.layout_cast(jnp.zeros((block_n, rows), jnp.float32), plgpu.Layout.WGMMA)))
   else:
     def step(j, acc):
       slot = lax.rem(j, jnp.int32(num_stages))
@@ -134,15 +143,15 @@ def _gemv_body(x_ref, *refs, block_k, num_stages, k_tiles, splits, rows, fast, b
         mma(acc_ref, slot)
         return acc_ref[...]
 
-      acc = acc + pl.run_scoped(one, plgpu.ACC((BLOCK_N, rows), jnp.float32))
+      acc = acc + pl.run_scoped(one, plgpu.ACC((block_n, rows), jnp.float32))
       refill(j, slot)
       return acc
 
-    acc = lax.fori_loop(0, n, step, plgpu.layout_cast(jnp.zeros((BLOCK_N, rows), jnp.float32),
+    acc = lax.fori_loop(0, n, step, plgpu.layout_cast(jnp.zeros((block_n, rows), jnp.float32),
                                                       plgpu.Layout.WGMMA))
   o_smem[...] = acc
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[sp, pl.ds(n0, BLOCK_N)])
+  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[sp, pl.ds(n0, block_n)])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -151,10 +160,12 @@ def gemv_partials(x, ws, *, config: GemvConfig, fast: bool = True, interpret: bo
   """Split-K partials of ``x [rows, K] @ concat(ws, axis=1)`` for weights ``ws`` (a tuple of ``[K, N_i]``; rows a
   multiple of 8, <= 64) in one launch: ``[splits, sum N_i, rows]`` float32."""
   rows, K = x.shape
+  bn = config.block_n
   bounds, lo = [], 0
   for w in ws:
-    bounds.append((lo, lo + w.shape[1] // BLOCK_N))
-    lo += w.shape[1] // BLOCK_N
+    assert w.shape[1] % bn == 0, (w.shape, bn)
+    bounds.append((lo, lo + w.shape[1] // bn))
+    lo += w.shape[1] // bn
   n_tiles = lo
   bk, stages = config.block_k, config.num_stages
   k_tiles = K // bk
@@ -165,16 +176,16 @@ def gemv_partials(x, ws, *, config: GemvConfig, fast: bool = True, interpret: bo
   swizzle = plgpu.SwizzleTransform(128)
   scratch = (
       plgpu.SMEM((stages, rows, bk), x.dtype, transforms=(tiling, swizzle)),
-      plgpu.SMEM((stages, bk, BLOCK_N), x.dtype, transforms=(tiling, swizzle)),
-      plgpu.SMEM((BLOCK_N, rows), jnp.float32),
+      plgpu.SMEM((stages, bk, bn), x.dtype, transforms=(tiling, swizzle)),
+      plgpu.SMEM((bn, rows), jnp.float32),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
   )
-  body = functools.partial(_gemv_body, block_k=bk, num_stages=stages, k_tiles=k_tiles, splits=splits,
+  body = functools.partial(_gemv_body, block_k=bk, block_n=bn, num_stages=stages, k_tiles=k_tiles, splits=splits,
                            rows=rows, fast=fast, bounds=tuple(bounds))
   kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
   call = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((splits, n_tiles * BLOCK_N, rows), jnp.float32), scratch_types=scratch,
+      body, out_type=jax.ShapeDtypeStruct((splits, n_tiles * bn, rows), jnp.float32), scratch_types=scratch,
       grid=(n_tiles, splits), grid_names=("n", "s"), **kwargs)
   return call(x, *ws)
 
@@ -203,7 +214,7 @@ def gemv_multi(x, ws, *, config: GemvConfig | None = None, fast: bool = True, in
   _check(x, ws)
   M, K = x.shape
   Ns = [w.shape[1] for w in ws]
-  config = config or pick_gemv_config(K, sum(Ns))
+  config = config or pick_gemv_config(K, tuple(Ns))
   rows = -(-M // 8) * 8
   xp = jnp.pad(x, ((0, rows - M), (0, 0))) if rows != M else x
   y = jnp.sum(gemv_partials(xp, ws, config=config, fast=fast, interpret=interpret), axis=0)[:, :M].T
