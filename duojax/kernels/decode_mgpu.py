@@ -68,8 +68,9 @@ def _num_sms() -> int:
 
 def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, num_stages: int | None = None,
                 ctas_per_sm: int | None = None, min_blocks_per_split: int = 4,
-                p_via_smem: bool = False, unpadded_q: bool = True) -> DecodeConfig:
-  """A config for a cache of S positions, head_dim D and n_units = B * KV heads (CTAs before splitting)."""
+                p_via_smem: bool = False, unpadded_q: bool = True, other_ctas: int = 0) -> DecodeConfig:
+  """A config for a cache of S positions, head_dim D and n_units = B * KV heads (CTAs before splitting);
+  ``other_ctas`` short CTAs of the same launch (the streaming heads) share the wave."""
   if block_kv is None:
     block_kv = 128 if D <= 128 else 64
   block_kv = min(block_kv, max(64, S))
@@ -80,7 +81,7 @@ def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, nu
   nblocks = -(-S // block_kv)
   target = max(1, _num_sms() * ctas_per_sm)
   # floor: a second, partial wave of CTAs would cost as much as a full one
-  splits = max(1, min(nblocks // max(1, min_blocks_per_split), target // max(1, n_units)))
+  splits = max(1, min(nblocks // max(1, min_blocks_per_split), (target - other_ctas) // max(1, n_units)))
   bps = -(-nblocks // splits)
   return DecodeConfig(block_kv=block_kv, num_stages=num_stages, blocks_per_split=bps, ctas_per_sm=ctas_per_sm,
                       p_via_smem=p_via_smem, unpadded_q=unpadded_q)
@@ -111,25 +112,28 @@ def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, 
 
 
 def _duo_kernel_body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scratch, *, L, R,
-                     nf, block_kv, splits, **kw):
-  """Both caches in one launch: heads h < nf split the full cache; heads h >= nf run the ring in split 0 (the
-  other splits of a streaming head write an empty partial)."""
+                     nf, ns, block_kv, splits, **kw):
+  """Both caches in one launch, one CTA per unit of work: CTAs ``c < ns`` run streaming head ``nf + c`` over the
+  ring (first, so these short CTAs finish while the long ones stream), CTAs ``c >= ns`` run split
+  ``(c - ns) % splits`` of retrieval head ``(c - ns) // splits``. Output row ``c`` (split index 0)."""
   b = lax.axis_index("b")
-  h = lax.axis_index("h")
-  sp = lax.axis_index("s")
+  c = lax.axis_index("c")
+  zero = jnp.int32(0)
 
-  @pl.when(h < nf)
+  @pl.when(c >= ns)
   def _retrieval():
+    h = lax.div(c - ns, jnp.int32(splits))
+    sp = lax.rem(c - ns, jnp.int32(splits))
     length = jnp.minimum(len_ref[b], jnp.int32(L))
     start_blk, n = _split_range(length, sp, splits=splits, block_kv=block_kv)
-    _attend_split(q_ref, kf_ref, vf_ref, None, o_ref, lse_ref, scratch, b=b, kv_head=h, q_head=h, out_head=h,
-                  sp=sp, start_blk=start_blk, n=n, length=length, block_kv=block_kv, **kw)
+    _attend_split(q_ref, kf_ref, vf_ref, None, o_ref, lse_ref, scratch, b=b, kv_head=h, q_head=h, out_head=c,
+                  sp=zero, start_blk=start_blk, n=n, length=length, block_kv=block_kv, **kw)
 
-  @pl.when(h >= nf)
+  @pl.when(c < ns)
   def _streaming():
-    n = jnp.where(sp == 0, jnp.int32(R // block_kv), jnp.int32(0))
-    _attend_split(q_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scratch, b=b, kv_head=h - nf, q_head=h,
-                  out_head=h, sp=sp, start_blk=jnp.int32(0), n=n, length=None, block_kv=block_kv, **kw)
+    _attend_split(q_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scratch, b=b, kv_head=c, q_head=nf + c,
+                  out_head=c, sp=zero, start_blk=zero, n=jnp.int32(R // block_kv), length=None,
+                  block_kv=block_kv, **kw)
 
 
 def _attend_split(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, scratch, *, b, kv_head, q_head, out_head, sp,
@@ -335,7 +339,7 @@ def _scratch_types(D, dtype, stages, bk, fast, has_bias):
 @functools.partial(jax.jit, static_argnames=("config", "scale", "fast", "interpret"))
 def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, config: DecodeConfig, scale: float,
                         fast: bool = True, interpret: bool = False):
-  """Retrieval and streaming heads in ONE launch (grid ``(splits, nf + ns, B)``).
+  """Retrieval and streaming heads in ONE launch (grid ``(ns + nf * splits, B)``: no idle CTAs).
 
   Args:
     qp: ``[B, nf + ns, Gq, D]`` (Gq = 64 zero-padded, or, GPU only, the unpadded group G < 64).
@@ -344,8 +348,9 @@ def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, co
     config: ``block_kv`` must divide both L and R; ``blocks_per_split`` splits the full cache.
 
   Returns:
-    ``o [B, nf + ns, splits, rows, D]``, ``lse [B, nf + ns, splits, 64]`` (base 2) as ``decode_partials``; a
-    streaming head's result is in split 0, its other splits are empty (lse ``-inf``).
+    ``(o_ret [B, nf, splits, rows, D], lse_ret [B, nf, splits, 64])``: the retrieval heads' split partials as
+    ``decode_partials`` returns them, and ``(o_str [B, ns, 1, rows, D], lse_str [B, ns, 1, 64])``: the streaming
+    heads' normalised outputs (one split). lse is base 2.
   """
   B, H, q_rows, D = qp.shape
   L, nf = k_full.shape[1], k_full.shape[2]
@@ -363,19 +368,23 @@ def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, co
   dtype = qp.dtype
   scratch = _scratch_types(D, dtype, stages, bk, fast, True)
   body = functools.partial(
-      _duo_kernel_body, L=L, R=R, nf=nf, D=D, dtype=dtype, block_kv=bk, num_stages=stages, splits=splits,
+      _duo_kernel_body, L=L, R=R, nf=nf, ns=ns, D=D, dtype=dtype, block_kv=bk, num_stages=stages, splits=splits,
       scale_log2=float(scale) * LOG2E, fast=fast, q_rows=q_rows, out_rows=out_rows)
 
   def entry(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, *scr):
     body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scr)
 
-  out_type = (jax.ShapeDtypeStruct((B, H, splits, out_rows, D), dtype),
-              jax.ShapeDtypeStruct((B, H, splits, ROWS), jnp.float32))
+  C = ns + nf * splits
+  out_type = (jax.ShapeDtypeStruct((B, C, 1, out_rows, D), dtype),
+              jax.ShapeDtypeStruct((B, C, 1, ROWS), jnp.float32))
   kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
   call = plgpu.kernel(
-      entry, out_type=out_type, scratch_types=scratch, grid=(splits, H, B), grid_names=("s", "h", "b"),
+      entry, out_type=out_type, scratch_types=scratch, grid=(C, B), grid_names=("c", "b"),
       compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)
-  return call(qp, k_full, v_full, lengths.astype(jnp.int32), k_ring, v_ring, bias.astype(jnp.float32))
+  o, lse = call(qp, k_full, v_full, lengths.astype(jnp.int32), k_ring, v_ring, bias.astype(jnp.float32))
+  o_ret = o[:, ns:].reshape(B, nf, splits, out_rows, D)
+  lse_ret = lse[:, ns:].reshape(B, nf, splits, ROWS)
+  return (o_ret, lse_ret), (o[:, :ns], lse[:, :ns])
 
 
 def combine_partials(o, lse2, G: int):
