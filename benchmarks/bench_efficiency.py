@@ -222,7 +222,11 @@ def main(argv=None):
                   help="decode projections as XLA dots instead of the Mosaic-GPU GEMV (for comparison)")
   ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   ap.add_argument("--gemv-block-n", type=int, default=0, help="GEMV kernel column tile (0: the default)")
+  ap.add_argument("--gemv-min-matrices", type=int, default=0,
+                  help="GEMV kernel only for launches of at least this many projections (0: the default)")
   args = ap.parse_args(argv)
+  if args.gemv_min_matrices:
+    dense_module.GEMV_MIN_MATRICES = args.gemv_min_matrices
   if args.xla_projections:
     dense_module.GEMV_MAX_ROWS = 0
   if args.gemv_block_n:
@@ -235,7 +239,7 @@ def main(argv=None):
              "dtype": jnp.dtype(dtype).name, "batch": 1, "sink": SINK, "window": WINDOW,
              "config": dataclasses.asdict(config), "decode": [], "prefill": [],
              "projections": "xla" if args.xla_projections else "gemv kernel where it applies",
-             "gemv_block_n": gemv_mgpu.DEFAULT_BLOCK_N}
+             "gemv_block_n": gemv_mgpu.DEFAULT_BLOCK_N, "gemv_min_matrices": dense_module.GEMV_MIN_MATRICES}
   contexts = [int(c) for c in args.contexts.split(",")]
   full_fit = None
   for ratio in (float(r) for r in args.ratios.split(",")):
@@ -260,6 +264,7 @@ def main(argv=None):
   out.mkdir(parents=True, exist_ok=True)
   tag = device.device_kind.replace(" ", "_") + ("_xla_projections" if args.xla_projections else "")
   tag += f"_gemv{args.gemv_block_n}" if args.gemv_block_n else ""
+  tag += f"_gemvmin{args.gemv_min_matrices}" if args.gemv_min_matrices else ""
   (out / f"efficiency_{args.model}_{tag}.json").write_text(json.dumps(results, indent=1))
   plot(results, out / f"efficiency_{args.model}_{tag}.png")
 

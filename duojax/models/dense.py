@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 PARAM_NAMES = ("kernel", "u", "v", "bias")
 GEMV_MAX_ROWS = 16  # decode-sized inputs: at most this many rows take the Mosaic-GPU GEMV on the kernel path
+GEMV_MIN_MATRICES = 1  # and only launches of at least this many projections (q/k/v, gate/up: 2+)
 
 
 def dense(params: Mapping[str, jax.Array], x: jax.Array, *, dtype=None) -> jax.Array:
@@ -44,7 +45,7 @@ def _gemv_applies(params_list, x, dtype) -> bool:
   rows = 1
   for d in x.shape[:-1]:
     rows *= d
-  if rows > GEMV_MAX_ROWS:
+  if rows > GEMV_MAX_ROWS or len(params_list) < GEMV_MIN_MATRICES:
     return False
   for p in params_list:
     if set(k for k in p if p[k] is not None) != {"kernel"}:
