@@ -62,10 +62,11 @@ def dense_group(params_list, x: jax.Array, *, dtype=None, impl: str = "reference
   On the kernel path (``impl`` "auto" or "pallas" on a Hopper GPU), decode-sized inputs (at most
   ``GEMV_MAX_ROWS`` rows) with plain bias-free ``kernel`` weights in the compute dtype run as ONE Mosaic-GPU
   GEMV launch (:func:`duojax.kernels.gemv_mgpu.gemv_multi`: float32 accumulation, one rounding, as ``dense``).
-  Anything else runs :func:`dense` per projection.
+  Only on a single-device process: weights sharded over a mesh keep XLA's partitioned dot (a custom call would
+  gather them). Anything else runs :func:`dense` per projection.
   """
   dtype = jnp.dtype(dtype or x.dtype)
-  if impl in ("auto", "pallas"):
+  if impl in ("auto", "pallas") and jax.device_count() == 1:
     from duojax.kernels.hardware import hopper_device_kind  # noqa: PLC0415
     if hopper_device_kind() is not None and _gemv_applies(params_list, x, dtype):
       from duojax.kernels.gemv_mgpu import gemv_multi  # noqa: PLC0415
