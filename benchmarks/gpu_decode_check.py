@@ -8,7 +8,6 @@ finite and rel L2 error <= 1e-2 against the oracle. Exits 1 on any failure.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -19,59 +18,7 @@ import jax.numpy as jnp
 
 from duojax.kernels import duo_decode_attention
 from duojax.kernels.decode_mgpu import DecodeConfig
-
-
-def _slot(t, sink, window):
-  return t if t < sink else sink + (t - sink) % window
-
-
-def make_case(rng, B, L, nf, ns, G, D, sink, window, lengths, dtype):
-  H = nf + ns
-  q = rng.standard_normal((B, H * G, D)).astype(np.float32)
-  k = rng.standard_normal((B, L, H, D)).astype(np.float32)
-  v = rng.standard_normal((B, L, H, D)).astype(np.float32)
-  q, k, v = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v))
-  R = sink + window
-  k_ring = np.zeros((B, R, ns, D), np.float32)
-  v_ring = np.zeros((B, R, ns, D), np.float32)
-  ring_pos = -np.ones((B, R), np.int32)
-  k_full = k[:, :, :nf].copy()
-  v_full = v[:, :, :nf].copy()
-  for b in range(B):
-    k_full[b, lengths[b]:] = 50.0   # garbage past the length must not count
-    v_full[b, lengths[b]:] = -300.0
-    ts = np.arange(lengths[b])
-    slots = np.where(ts < sink, ts, sink + (ts - sink) % max(window, 1))
-    # later positions overwrite earlier ones in the same slot: keep the last write per slot
-    for s_ in np.unique(slots):
-      t = ts[slots == s_].max()
-      k_ring[b, s_] = k[b, t, nf:]
-      v_ring[b, s_] = v[b, t, nf:]
-      ring_pos[b, s_] = t
-  inputs = dict(q=jnp.asarray(q, dtype), k_full=jnp.asarray(k_full, dtype), v_full=jnp.asarray(v_full, dtype),
-                lengths=jnp.asarray(lengths, jnp.int32), k_ring=jnp.asarray(k_ring, dtype),
-                v_ring=jnp.asarray(v_ring, dtype), ring_pos=jnp.asarray(ring_pos))
-  return inputs, q, k, v
-
-
-def oracle(q, k, v, lengths, nf, G, sink, window):
-  B, Hq, D = q.shape
-  out = np.zeros((B, Hq, D))
-  scale = 1.0 / math.sqrt(D)
-  for b in range(B):
-    p = lengths[b] - 1
-    t = np.arange(k.shape[1])
-    for h in range(Hq):
-      kv = h // G
-      vis = t <= p
-      if kv >= nf:
-        vis &= (t < sink) | (t > p - window)
-      if not vis.any():
-        continue
-      s = (k[b, vis, kv].astype(np.float64) @ q[b, h].astype(np.float64)) * scale
-      w = np.exp(s - s.max())
-      out[b, h] = w @ v[b, vis, kv].astype(np.float64) / w.sum()
-  return out
+from tests.test_decode_kernel import make_cache, oracle  # the CPU tests' cache builder and float64 oracle
 
 
 def poison():
@@ -112,8 +59,9 @@ def main() -> int:
     name = (f"B{B} L{L} nf{nf} ns{ns} G{G} D{D} {jnp.dtype(dtype).name} lengths={lengths} streaming={simpl}"
             f" cfg={cfg}")
     try:
-      inputs, q, k, v = make_case(rng, B, L, nf, ns, G, D, sink, window, lengths, dtype)
-      ref = oracle(q, k, v, lengths, nf, G, sink, window)
+      inputs, k, v = make_cache(rng, B=B, L=L, nf=nf, ns=ns, G=G, D=D, sink=sink, window=window, lengths=lengths,
+                                dtype=dtype)
+      ref, _ = oracle(inputs["q"], k, v, lengths, nf=nf, G=G, sink=sink, window=window)
       worst = 0.0
       for _ in range(2):
         poison()
