@@ -6,7 +6,9 @@ warm-up and timed iterations) plus ``--full-ratio`` (retrieval-head share of the
 
 Timing: a jitted function is called back to back ``--inner`` times, then ``block_until_ready``; the per-call
 time of that chunk is one sample; the reported time is the median of ``--num-iters`` samples (after
-``--num-warmup`` calls). Effective TFLOP/s = 4*S*K*H*D*B / t, K = S/2 for causal, K = sink + window for
+``--num-warmup`` calls). All kernels of one shape are compiled and warmed first, then sampled round-robin (one
+chunk of each per round), so that GPU clock and thermal drift during the run do not favour the kernels timed
+first. Effective TFLOP/s = 4*S*K*H*D*B / t, K = S/2 for causal, K = sink + window for
 streaming (K = window for the sliding-window baselines); the duo mix counts its heads' shares.
 
 A failing baseline records its error string and the run goes on.
@@ -61,24 +63,26 @@ def parse_args(argv=None):
 
 def parse_config(text: str):
   """'64x128x2' -> BlockConfig(64, 128, 2); suffix letters: 'p' persistent, 'm' mbarrier ping-pong,
-  'r' no reduction scratch (reduction_scratch_bytes=0), 'u' unsafe_no_auto_barriers."""
+  'r' no reduction scratch (reduction_scratch_bytes=0), 'u' unsafe_no_auto_barriers, 'c' mbarrier consumed-slot
+  signals (default: hardware named barriers)."""
   from duojax.kernels.prefill_mgpu import BlockConfig  # noqa: PLC0415
-  nums = text.rstrip("pmru")
+  nums = text.rstrip("pmruc")
   flags = text[len(nums):]
   bq, bkv, st = map(int, nums.split("x"))
   return BlockConfig(bq, bkv, st, persistent="p" in flags, named_barriers="m" not in flags,
-                     reduction_scratch_bytes=0 if "r" in flags else None, no_auto_barriers="u" in flags)
+                     reduction_scratch_bytes=0 if "r" in flags else None, no_auto_barriers="u" in flags,
+                     named_consumed="c" not in flags)
 
 
 def config_name(c) -> str:
   return (f"{c.block_q}x{c.block_kv}x{c.stages}" + ("p" if c.persistent else "")
           + ("" if c.named_barriers else "m") + ("r" if c.reduction_scratch_bytes == 0 else "")
-          + ("u" if c.no_auto_barriers else ""))
+          + ("u" if c.no_auto_barriers else "") + ("" if c.named_consumed else "c"))
 
 
 def time_fn(fn, args, *, warmup: int, iters: int, inner: int):
   out = None
-  for _ in range(max(1, warmup)):
+  for _ in range(warmup):
     out = fn(*args)
   jax.block_until_ready(out)
   if inner <= 0:  # size chunks to ~20 ms
@@ -93,7 +97,8 @@ def time_fn(fn, args, *, warmup: int, iters: int, inner: int):
       out = fn(*args)
     jax.block_until_ready(out)
     samples.append((time.perf_counter() - t0) / inner)
-  return statistics.median(samples) * 1e3, inner, [s * 1e3 for s in samples]
+  ms = statistics.median(samples) * 1e3 if samples else None
+  return ms, inner, [s * 1e3 for s in samples]
 
 
 def gpu_name() -> str:
@@ -179,23 +184,31 @@ def main(argv=None):
       v = jax.random.normal(kv_, (B, S, Hkv, D), dtype)
       keys = {"causal": S / 2, "streaming": min(S, sink + window), "window": min(S, bw)}
       keys["mix"] = (nf_mix * keys["causal"] + (Hkv - nf_mix) * keys["streaming"]) / Hkv
+      # Compile and warm every kernel, then take the samples round-robin (one chunk of each kernel per
+      # round), so that clock and thermal drift over the run hit every kernel alike.
+      live = []
       for name, (kind, make) in kernels.items():
         if name.startswith("xla_reference") and S > args.xla_max_seqlen:
           continue
         rec = dict(name=name, kind=kind, batch=B, seqlen=S, heads=H, kv_heads=Hkv, head_dim=D)
+        results.append(rec)
         try:
           fn = make()
-          ms, inner, samples = time_fn(fn, (q, k, v), warmup=args.num_warmup, iters=args.num_iters,
-                                       inner=args.inner)
-          flops = 4.0 * B * S * keys[kind] * H * D
-          rec.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, inner=inner, samples_ms=samples)
+          _, inner, _ = time_fn(fn, (q, k, v), warmup=args.num_warmup, iters=0, inner=args.inner)
+          live.append((rec, fn, inner, []))
         except Exception as e:  # noqa: BLE001
           rec.update(error=f"{type(e).__name__}: {str(e)[:500]}")
           traceback.print_exc(limit=2)
-        results.append(rec)
-        msg = (f"{rec['ms']:.4f} ms {rec['tflops']:.0f} TFLOP/s min {min(rec['samples_ms']):.4f}" if "ms" in rec
-               else rec["error"][:200])
-        print(f"B={B} S={S:<6} {name:<34} {msg}", flush=True)
+          print(f"B={B} S={S:<6} {name:<34} {rec['error'][:200]}", flush=True)
+      for _ in range(args.num_iters):
+        for rec, fn, inner, samples in live:
+          samples.extend(time_fn(fn, (q, k, v), warmup=0, iters=1, inner=inner)[2])
+      for rec, fn, inner, samples in live:
+        ms = statistics.median(samples)
+        flops = 4.0 * B * S * keys[rec["kind"]] * H * D
+        rec.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, inner=inner, samples_ms=samples)
+        print(f"B={B} S={S:<6} {rec['name']:<34} {ms:.4f} ms {rec['tflops']:.0f} TFLOP/s "
+              f"min {min(samples):.4f}", flush=True)
 
   dev = jax.devices()[0]
   meta = dict(device=dev.device_kind, platform=dev.platform, jax_version=jax.__version__,
@@ -205,7 +218,8 @@ def main(argv=None):
               configs=[("default: " + config_name(default_config(D)) + " (persistent when nf == 0)")
                        if c is None else config_name(c) for c in configs],
               tokamax=getattr(tokamax, "__version__", None) if tokamax else tokamax_err,
-              timing="median over num_iters samples of back-to-back jitted calls", argv=sys.argv[1:])
+              timing=("median over num_iters samples of back-to-back jitted calls; samples taken round-robin "
+                      "over the kernels of one shape"), argv=sys.argv[1:])
   doc = dict(meta=meta, results=results)
 
   # Table.

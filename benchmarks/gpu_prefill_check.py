@@ -141,9 +141,9 @@ def main(argv=None):
     from duojax.kernels import prefill_mgpu  # noqa: PLC0415
     cfg = parse_config(args.config)
     orig = prefill_mgpu.default_config
-    # The block sizes apply to head_dim 128; other head dims keep theirs and take only the persistent flag.
+    # The block sizes apply to head_dim 128; other head dims keep their block sizes and take the flags.
     prefill_mgpu.default_config = lambda hd: cfg if hd == 128 else dataclasses.replace(
-        orig(hd), persistent=cfg.persistent)
+        cfg, block_q=orig(hd).block_q, block_kv=orig(hd).block_kv, stages=orig(hd).stages)
   cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and (args.cases is None or c[0] in args.cases)]
   results = []
   for i, case in enumerate(cases):

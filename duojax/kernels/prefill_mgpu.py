@@ -8,7 +8,8 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
 
 * 3 warpgroups: warpgroups 0 and 1 compute (``block_q`` rows each), warpgroup 2 is the TMA producer. K and V
   blocks stream through a ring of ``stages`` swizzled SMEM slots, each slot with a "produced" barrier (TMA
-  completion) and a "consumed" barrier (both compute warpgroups arrive). A schedule barrier ping-pongs the two
+  completion) and a "consumed" signal (both compute warpgroups arrive; the producer waits before refilling:
+  hardware named barriers on the GPU, mbarriers in the interpreter). A schedule barrier ping-pongs the two
   compute warpgroups so one runs its softmax while the other's wgmma runs (hardware named barriers on the GPU,
   ``bar.arrive``/``bar.sync`` through inline PTX; an mbarrier rendezvous in the interpreter).
 * QK^T and PV with wgmma; on the GPU P stays in registers (register-A wgmma) and the output accumulator is
@@ -72,6 +73,10 @@ class BlockConfig:
   # Mosaic GPU's unsafe_no_auto_barriers: no automatic warpgroup barriers around SMEM loads/stores. The kernel's
   # only SMEM stores are the epilogue's, followed by commit_smem before the TMA store (tokamax runs the same way).
   no_auto_barriers: bool = False
+  # Consumed-slot signals as hardware named barriers (consumers bar.arrive, producer bar.sync; GPU only, at
+  # most 3 stages) instead of mbarriers. Measured on an H200: streaming 16k 0.294 vs 0.302 ms, full causal
+  # unchanged.
+  named_consumed: bool = True
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_kv % 64:
@@ -90,10 +95,12 @@ def default_config(head_dim: int) -> BlockConfig:
 
 
 _SCHED_BAR = 10  # named barriers 10 and 11 (Mosaic GPU uses the low ids)
+_CONS_BAR = 4    # consumed-slot named barriers: K at 4 .. 4 + stages - 1, V after them (stages <= 3)
 
 
 def _named_barrier(op: str, barrier_id, num_threads: int = 256) -> None:
-  """``bar.arrive``/``bar.sync`` on a hardware named barrier (the two compute warpgroups: 256 threads)."""
+  """``bar.arrive``/``bar.sync`` on a hardware named barrier (default: the two compute warpgroups, 256
+  threads; the consumed-slot barriers add the producer warpgroup: 384)."""
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
 
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
@@ -163,6 +170,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   nsf = sink // bkv         # blocks made only of sink keys
   nf = num_full_kv_heads
   named = cfg.named_barriers and not interpret
+  named_cons = cfg.named_consumed and not interpret and stages <= 3
 
   def i32(x):
     return jnp.asarray(x, jnp.int32)
@@ -224,6 +232,23 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
     def sched_sync():
       plgpu.barrier_arrive(sched_bar)
       plgpu.barrier_wait(sched_bar)
+
+    # Consumed-slot signals: both compute warpgroups release a slot's K (after QK^T) and V (after PV); the
+    # producer waits for the release before it refills the slot.
+    def release(cons, first_id, slot):
+      if named_cons:
+        _named_barrier("arrive", i32(first_id) + slot, 384)
+      else:
+        plgpu.barrier_arrive(cons.at[slot])
+
+    def await_release(cons, first_id, slot):
+      if named_cons:
+        _named_barrier("sync", i32(first_id) + slot, 384)
+      else:
+        plgpu.barrier_wait(cons.at[slot])
+
+    release_k = lambda slot: release(k_cons, _CONS_BAR, slot)
+    release_v = lambda slot: release(v_cons, _CONS_BAR + stages, slot)
 
     # The ping-pong between the compute warpgroups (FA3): a warpgroup issues its QK wgmma, lets the other one
     # go (after_qk), runs its softmax and waits for its turn before PV (before_pv). With named barriers (GPU):
@@ -326,11 +351,11 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
 
         def skip_step(t, carry):
           slot = slot_of(t)
-          plgpu.barrier_arrive(k_cons.at[slot])
+          release_k(slot)
           sched_after_qk()
           sched_before_pv(slot)
           wait_next_k(t)
-          plgpu.barrier_arrive(v_cons.at[slot])
+          release_v(slot)
           return carry
 
         def compute_step(t, carry, mask: str | None):
@@ -344,7 +369,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             return acc_ref[...]
 
           s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
-          plgpu.barrier_arrive(k_cons.at[slot])
+          release_k(slot)
           if mask is not None:
             # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
             # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
@@ -395,7 +420,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
               wait_next_k(t)
 
             acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-          plgpu.barrier_arrive(v_cons.at[slot])
+          release_v(slot)
           return acc, m_new, l_i
 
         nomask_step = functools.partial(compute_step, mask=None)
@@ -444,15 +469,15 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         def load(t, slot, wait):  # wait: None (fresh slot), True, or a traced bool
           sl = (b, pl.ds(block_of(t, sch) * bkv, bkv), kv_head)
 
-          def wait_released(cons):
+          def wait_released(cons, first_id):
             if wait is True:
-              plgpu.barrier_wait(cons.at[slot])
+              await_release(cons, first_id, slot)
             elif wait is not None:
-              pl.when(wait)(lambda: plgpu.barrier_wait(cons.at[slot]))
+              pl.when(wait)(lambda: await_release(cons, first_id, slot))
 
-          wait_released(k_cons)
+          wait_released(k_cons, _CONS_BAR)
           plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
-          wait_released(v_cons)
+          wait_released(v_cons, _CONS_BAR + stages)
           plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
 
         if isinstance(g0, int):  # first (only) tile: fill the ring, then wait for each slot's release
@@ -479,8 +504,8 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       @pl.loop(lax.max(g_end - stages, i32(0)), g_end)
       def _(g):
         slot = lax.rem(g, i32(stages))
-        plgpu.barrier_wait(k_cons.at[slot])
-        plgpu.barrier_wait(v_cons.at[slot])
+        await_release(k_cons, _CONS_BAR, slot)
+        await_release(v_cons, _CONS_BAR + stages, slot)
 
   smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
   scratch = [
