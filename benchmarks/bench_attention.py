@@ -85,11 +85,14 @@ def time_fn(fn, args, *, warmup: int, iters: int, inner: int):
   for _ in range(warmup):
     out = fn(*args)
   jax.block_until_ready(out)
-  if inner <= 0:  # size chunks to ~20 ms
+  if inner <= 0:  # size chunks to ~20 ms of GPU time, estimated from 10 back-to-back calls (one call alone
+    # would include the launch and sync latency, and short chunks would then charge it to fast kernels)
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    inner = int(min(200, max(1, 0.02 / max(one, 1e-6))))
+    for _ in range(10):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    one = (time.perf_counter() - t0) / 10
+    inner = int(min(1000, max(1, 0.02 / max(one, 1e-6))))
   samples = []
   for _ in range(iters):
     t0 = time.perf_counter()
