@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -34,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.timing import calls_per_chunk, chunk_samples  # noqa: E402
 from duojax.kernels.reference import duo_attention_reference  # noqa: E402
 
 
@@ -81,27 +81,12 @@ def config_name(c) -> str:
 
 
 def time_fn(fn, args, *, warmup: int, iters: int, inner: int):
-  out = None
-  for _ in range(warmup):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  if inner <= 0:  # size chunks to ~20 ms of GPU time, estimated from 10 back-to-back calls (one call alone
-    # would include the launch and sync latency, and short chunks would then charge it to fast kernels)
-    t0 = time.perf_counter()
-    for _ in range(10):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    one = (time.perf_counter() - t0) / 10
-    inner = int(min(1000, max(1, 0.02 / max(one, 1e-6))))
-  samples = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / inner)
-  ms = statistics.median(samples) * 1e3 if samples else None
-  return ms, inner, [s * 1e3 for s in samples]
+  """(median ms, calls per chunk, per-call ms of each sample); ``inner <= 0`` sizes chunks to ~20 ms."""
+  chunk_samples(fn, args, warmup=warmup, samples=0, inner=0)
+  if inner <= 0:
+    inner = calls_per_chunk(fn, args)
+  samples = [t * 1e3 for t in chunk_samples(fn, args, warmup=0, samples=iters, inner=inner)]
+  return (statistics.median(samples) if samples else None), inner, samples
 
 
 def gpu_name() -> str:

@@ -35,10 +35,12 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from duojax.kernels import duo_decode_attention
-from duojax.kernels import decode_mgpu
-from duojax.kernels.decode import _attend_lowp, _fold_queries
-from duojax.kernels.decode_reference import decode_streaming_visible
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.timing import chunk_samples  # noqa: E402
+from duojax.kernels import decode_mgpu, duo_decode_attention  # noqa: E402
+from duojax.kernels.decode import _attend_lowp, _fold_queries  # noqa: E402
+from duojax.kernels.decode_reference import decode_streaming_visible  # noqa: E402
 
 
 SMOKE = False
@@ -51,19 +53,8 @@ def _impl():
 def timeit(fn, *args, iters=20, reps=7):
   if SMOKE:
     iters, reps = 1, 1
-  out = fn(*args)
-  jax.block_until_ready(out)
-  for _ in range(3):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t0) / iters)
-  return statistics.median(ts) * 1e3, out  # ms
+  times = chunk_samples(fn, args, warmup=4, samples=reps, inner=iters)
+  return statistics.median(times) * 1e3, fn(*args)  # ms
 
 
 def timeit_loop(fn, q, *rest, n=50, reps=5):

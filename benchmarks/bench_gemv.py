@@ -16,13 +16,16 @@ import datetime
 import json
 import os
 import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duojax.kernels import gemv_mgpu
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.timing import chunk_samples  # noqa: E402
+from duojax.kernels import gemv_mgpu  # noqa: E402
 
 # name -> (K, [N of each matrix]); several matrices = one projection group (XLA: one dot each; the kernel: one
 # launch for the group, as the model runs them)
@@ -44,14 +47,7 @@ def pallas(config=None):
 
 def bench(fn, x, ws, samples=7, iters=10):
   f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
-  jax.block_until_ready(f(x, ws))
-  out = []
-  for _ in range(samples):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      y = f(x, ws)
-    jax.block_until_ready(y)
-    out.append((time.perf_counter() - t0) / iters / len(ws))
+  out = [t / len(ws) for t in chunk_samples(f, (x, ws), warmup=1, samples=samples, inner=iters)]
   return statistics.median(out), out
 
 
