@@ -76,6 +76,8 @@ class BlockConfig:
   # Consumed-slot signals as hardware named barriers (consumers bar.arrive, producer bar.sync; GPU only, at
   # most 3 stages) instead of mbarriers.
   named_consumed: bool = True
+  # Window-edge blocks with no sink key and no key past the warpgroup's first row use a window-only mask.
+  window_mask: bool = True
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_kv % 64:
@@ -378,7 +380,10 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             rowi = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
             last = rowi + (a - k0)
             cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-            vis = cols <= bcast(last, s.shape)
+            if mask == "window":  # no sink key in the block and every key <= the warpgroup's first row
+              vis = cols > bcast(last - window_eff, s.shape)
+            else:
+              vis = cols <= bcast(last, s.shape)
             if mask == "full":
               vis = vis & ((cols < sink - k0) | (cols > bcast(last - window_eff, s.shape)))
             s = jnp.where(vis, s, -jnp.inf)
@@ -433,7 +438,16 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         carry = lax.fori_loop(seg_sink_nomask, s_cta, mask_step, carry)
         # Window part: skip what only the other warpgroup needs, mask the edges.
         carry = lax.fori_loop(s_cta, to_step(lo_need), skip_step, carry)
-        carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
+        if cfg.window_mask:
+          # Inside the masked window edge, the blocks past the sink blocks and wholly at or before the
+          # warpgroup's first row need only the window compare (one compare and a select per score).
+          w0 = lax.min(lax.max(lo_need, i32(ns)), m0)
+          w1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), w0), m0)
+          carry = lax.fori_loop(to_step(lo_need), to_step(w0), mask_step, carry)
+          carry = lax.fori_loop(to_step(w0), to_step(w1), functools.partial(compute_step, mask="window"), carry)
+          carry = lax.fori_loop(to_step(w1), to_step(m0), mask_step, carry)
+        else:
+          carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
         carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
         carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
         carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
