@@ -64,21 +64,23 @@ def parse_args(argv=None):
 def parse_config(text: str):
   """'64x128x2' -> BlockConfig(64, 128, 2); suffix letters: 'p' persistent, 'm' mbarrier ping-pong,
   'r' no reduction scratch (reduction_scratch_bytes=0), 'u' unsafe_no_auto_barriers, 'c' mbarrier consumed-slot
-  signals (default: hardware named barriers), 'w' no window-only masks (full masks on every window-edge block)."""
+  signals (default: hardware named barriers), 'w' no window-only masks (full masks on every window-edge block), 'e' eager
+  Q prefetch (at the start of each persistent tile)."""
   from duojax.kernels.prefill_mgpu import BlockConfig  # noqa: PLC0415
-  nums = text.rstrip("pmrucw")
+  nums = text.rstrip("pmrucwe")
   flags = text[len(nums):]
   bq, bkv, st = map(int, nums.split("x"))
   return BlockConfig(bq, bkv, st, persistent="p" in flags, named_barriers="m" not in flags,
                      reduction_scratch_bytes=0 if "r" in flags else None, no_auto_barriers="u" in flags,
-                     named_consumed="c" not in flags, window_mask="w" not in flags)
+                     named_consumed="c" not in flags, window_mask="w" not in flags,
+                     defer_q_prefetch="e" not in flags)
 
 
 def config_name(c) -> str:
   return (f"{c.block_q}x{c.block_kv}x{c.stages}" + ("p" if c.persistent else "")
           + ("" if c.named_barriers else "m") + ("r" if c.reduction_scratch_bytes == 0 else "")
           + ("u" if c.no_auto_barriers else "") + ("" if c.named_consumed else "c")
-          + ("" if c.window_mask else "w"))
+          + ("" if c.window_mask else "w") + ("" if c.defer_q_prefetch else "e"))
 
 
 def time_fn(fn, args, *, warmup: int, iters: int, inner: int):

@@ -78,6 +78,9 @@ class BlockConfig:
   named_consumed: bool = True
   # Window-edge blocks with no sink key and no key past the warpgroup's first row use a window-only mask.
   window_mask: bool = True
+  # Persistent grid with double-buffered Q: wait for the previous tile's stores and prefetch the next tile's Q
+  # after this tile's sink steps instead of before its first step.
+  defer_q_prefetch: bool = True
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_kv % 64:
@@ -305,14 +308,19 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         n_cta = sch["n_cta"]
         buf = 0 if q_bufs == 1 else lax.rem(j, i32(q_bufs))
         qo_smem = q_smem3.at[buf, wg]
-        # The previous tile's output/lse stores must have left SMEM before Q or lse buffers are reused.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        if q_bufs == 2:
+        def prefetch_next_q():
+          # The previous tile's output (in the other Q buffer) and lse stores must have left SMEM first.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
           @pl.when(j + 1 < n_my)
           def _():
             issue_q(j + 1, 1 - buf)
-        else:
+
+        if q_bufs == 1:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           issue_q(j, 0)
+        elif not cfg.defer_q_prefetch:
+          prefetch_next_q()
 
         def slot_of(t):
           return lax.rem(t if isinstance(g0, int) else g0 + t, i32(stages))
@@ -436,6 +444,10 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         # Sink part: whole sink blocks unmasked, the partial one masked.
         carry = lax.fori_loop(i32(0), seg_sink_nomask, nomask_step, carry)
         carry = lax.fori_loop(seg_sink_nomask, s_cta, mask_step, carry)
+        if q_bufs == 2 and cfg.defer_q_prefetch:
+          # After the sink steps, so that this tile's first steps do not wait for the previous tile's output
+          # store to drain (this tile's Q is already in SMEM).
+          prefetch_next_q()
         # Window part: skip what only the other warpgroup needs, mask the edges.
         carry = lax.fori_loop(s_cta, to_step(lo_need), skip_step, carry)
         if cfg.window_mask:
