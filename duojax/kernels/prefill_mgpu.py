@@ -20,10 +20,11 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   are never loaded. For a streaming head ``s = min(cdiv(sink, block_kv), lo)`` and ``lo`` = the window's first
   block, so the work is ~ (sink + window + tile) keys, independent of the context length. Each compute warpgroup
   walks the CTA's steps in segments: unmasked (whole sink blocks, blocks inside every row's window and below the
-  diagonal), fully masked (causal & (sink | window): partial sink block, window's left edge), causal-only
-  masked (diagonal blocks) and skipped (steps that only the other warpgroup needs: it still waits on the slot's
+  diagonal), fully masked (causal & (sink | window): partial sink block, window's left edge), window-only
+  masked (left-edge blocks with no sink key and no key past the warpgroup's first row), causal-only masked
+  (diagonal blocks) and skipped (steps that only the other warpgroup needs: it still waits on the slot's
   barriers so the barrier parities stay in step, and arrives on the consumed barriers). Masks compare a column
-  iota with per-row thresholds (2-3 compares and a select per score).
+  iota with per-row thresholds (1-4 compares and a select per score).
 * Scheduling: one CTA per tile on a ``(Hq, B, q_tiles)`` grid, heads fastest. The query heads of one GQA group
   are adjacent, so CTAs that read the same K/V tiles run at the same time and share them through L2 (GQA
   groups are not folded into one CTA). Query tiles run in reverse order (largest causal tiles first) so the
@@ -31,7 +32,8 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   layer costs ~ its share of the work (measured 0.32x of all-full at 16k). When every head is streaming
   (``nf == 0``) the default is a persistent grid (one CTA per SM, static round-robin over the same tile order):
   tiles are only ~(sink + window) / block_kv steps long, and the K/V ring, the next tile's Q load (double
-  buffered Q) and the previous tile's output store then overlap across tiles (16k: 0.28 ms vs 0.34 ms).
+  buffered Q, issued after the tile's sink steps) and the previous tile's output store then overlap across
+  tiles (16k: 0.28 ms vs 0.34 ms).
 * Any length: q is padded to a multiple of ``2 * block_q`` and k/v to a multiple of ``block_kv`` (zeros), the
   padding is masked by the causal rule (keys past ``Sk - 1`` lie after every real query) and sliced away.
 
@@ -308,6 +310,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         n_cta = sch["n_cta"]
         buf = 0 if q_bufs == 1 else lax.rem(j, i32(q_bufs))
         qo_smem = q_smem3.at[buf, wg]
+
         def prefetch_next_q():
           # The previous tile's output (in the other Q buffer) and lse stores must have left SMEM first.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
