@@ -160,6 +160,11 @@ def chunk_step(q, k, v, lc: LayerCache, *, full, start: int, valid_len, sink: in
   return out, LayerCache(k_full, v_full, k_ring, v_ring, ring_pos)
 
 
+def _ring_pos_after_write(ring_pos, lengths, sink: int, window: int):
+  """``ring_pos [B, R]`` after each sequence writes its token at position ``lengths[b]``."""
+  return ring_pos.at[jnp.arange(ring_pos.shape[0]), ring_slot(lengths, sink, window)].set(lengths)
+
+
 def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: int, impl: str, ring_pos=None):
   """Attention for one new token per sequence at position ``lengths[b]``, and the new cache.
 
@@ -180,7 +185,7 @@ def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: in
   k_ring = lc.k_ring.at[rows, slot].set(k[:, 0, nf:].astype(lc.k_ring.dtype))
   v_ring = lc.v_ring.at[rows, slot].set(v[:, 0, nf:].astype(lc.v_ring.dtype))
   if ring_pos is None:
-    ring_pos = lc.ring_pos.at[rows, slot].set(lengths)
+    ring_pos = _ring_pos_after_write(lc.ring_pos, lengths, sink, window)
   out = duo_decode_attention(q[:, 0], k_full, v_full, lengths + 1, k_ring, v_ring, ring_pos, sink=sink,
                              window=window, impl=impl)[:, None]
   if inv is not None:
@@ -208,8 +213,7 @@ def decode(model, tokens, cache: DuoCache, *, impl: str = "auto"):
   positions = cache.lengths[:, None]
   sink, window = model.duo.sink, model.duo.window
   # Every layer's ring holds the same positions (they depend on the lengths only): update them once.
-  rows = jnp.arange(tokens.shape[0])
-  ring_pos = cache.layers[0].ring_pos.at[rows, ring_slot(cache.lengths, sink, window)].set(cache.lengths)
+  ring_pos = _ring_pos_after_write(cache.layers[0].ring_pos, cache.lengths, sink, window)
   step = functools.partial(decode_step, lengths=cache.lengths, sink=sink, window=window, impl=impl,
                            ring_pos=ring_pos)
   logits, layers = model(tokens[:, None], positions, cache=cache.layers, cache_step=step, impl=impl)

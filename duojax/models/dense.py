@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -42,9 +43,7 @@ def dense(params: Mapping[str, jax.Array], x: jax.Array, *, dtype=None) -> jax.A
 
 def _gemv_applies(params_list, x, dtype) -> bool:
   from duojax.kernels.gemv_mgpu import gemv_supported  # noqa: PLC0415 (Mosaic-GPU imports only when asked)
-  rows = 1
-  for d in x.shape[:-1]:
-    rows *= d
+  rows = math.prod(x.shape[:-1])
   if rows > GEMV_MAX_ROWS or len(params_list) < GEMV_MIN_MATRICES:
     return False
   for p in params_list:
