@@ -206,7 +206,9 @@ def main(argv=None):
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               dtype=args.dtype, heads=H, kv_heads=Hkv, head_dim=D, sink=sink, window=window, baseline_window=bw,
               full_ratio=args.full_ratio, num_full_kv_heads_mix=nf_mix,
-              configs=[("default: " + config_name(default_config(D)) + " (persistent when nf == 0)")
+              configs=[(f"default: {config_name(default_config(D, 'duo'))} (duo), "
+                        f"{config_name(default_config(D, 'full'))} (full), "
+                        f"{config_name(default_config(D, 'streaming'))} (streaming)")
                        if c is None else config_name(c) for c in configs],
               tokamax=getattr(tokamax, "__version__", None) if tokamax else tokamax_err,
               timing=("median over num_iters samples of back-to-back jitted calls; samples taken round-robin "

@@ -46,6 +46,8 @@ CASES = [
     ("s4097_g1_d128_some_fp16", 1, 4097, 4, 4, 128, 2, 0, 256, 0, "float16"),
     ("s1000_g4_d256_some", 1, 1000, 8, 2, 256, 1, 128, 1, 0, "bfloat16"),
     ("s1000_g4_d96pad_some", 1, 1000, 8, 2, 96, 1, 4, 64, 1024, "bfloat16"),
+    ("s4097_g4_d128_all_off", 1, 4097, 8, 2, 128, 2, 128, 256, 1024, "bfloat16"),
+    ("s1000_g1_d128_none", 1, 1000, 4, 4, 128, 0, 128, 256, 0, "bfloat16"),
 ]
 QUICK = {"s1000_g1_d128_some", "s4097_g8_d64_none_off", "s4097_g1_d256_all_fp16", "s16384_g4_d128_some"}
 
@@ -142,8 +144,8 @@ def main(argv=None):
     cfg = parse_config(args.config)
     orig = prefill_mgpu.default_config
     # The block sizes apply to head_dim 128; other head dims keep their block sizes and take the flags.
-    prefill_mgpu.default_config = lambda hd: cfg if hd == 128 else dataclasses.replace(
-        cfg, block_q=orig(hd).block_q, block_kv=orig(hd).block_kv, stages=orig(hd).stages)
+    prefill_mgpu.default_config = lambda hd, heads="duo": cfg if hd == 128 else dataclasses.replace(
+        cfg, block_q=orig(hd, heads).block_q, block_kv=orig(hd, heads).block_kv, stages=orig(hd, heads).stages)
   cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and (args.cases is None or c[0] in args.cases)]
   results = []
   for i, case in enumerate(cases):

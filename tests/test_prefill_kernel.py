@@ -57,6 +57,9 @@ CASES = [
     # head_dim 128 and 256
     (1, 150, 2, 1, 128, 0, 4, 40, 33, jnp.bfloat16, BlockConfig(64, 128, 2)),
     (1, 129, 2, 2, 256, 1, 4, 20, 0, jnp.float16, BlockConfig(64, 64, 2)),
+    # all retrieval heads with the all-full layers' 192-key steps (head_dim 128), odd length, q_offset
+    (1, 333, 4, 2, 128, 2, 4, 16, 70, jnp.bfloat16,
+     BlockConfig(64, 192, 2, reduction_scratch_bytes=0, no_auto_barriers=True)),
 ]
 
 

@@ -34,8 +34,12 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   tiles are only ~(sink + window) / block_kv steps long, and the K/V ring, the next tile's Q load (double
   buffered Q, issued after the tile's sink steps) and the previous tile's output store then overlap across
   tiles (16k: 0.28 ms vs 0.34 ms).
-* Any length: q is padded to a multiple of ``2 * block_q`` and k/v to a multiple of ``block_kv`` (zeros), the
-  padding is masked by the causal rule (keys past ``Sk - 1`` lie after every real query) and sliced away.
+* Any length: the last query tile and key block reach past the arrays' ends; the TMA loads read zeros there
+  and the TMA stores drop the rows past the end (lengths are only rounded up to a multiple of 8, the TMA
+  tiling, so 16k or 1000 tokens are never copied). Keys past ``Sk - 1`` lie after every real query, so the
+  causal rule masks them. The interpreter pads q to whole tiles and k/v to whole blocks instead.
+* Blocks (``default_config``): 64 query rows per warpgroup; 128 keys per step, or 192 for all-full layers at
+  head_dim 128 (fewer, wider steps amortize the per-step barriers and row reductions).
 
 ``interpret=True`` runs the same kernel through Mosaic-GPU's CPU interpreter (for CI). It cannot run wgmma with
 a register operand or ``run_state`` accumulators, so only those two pieces switch: P is staged through SMEM and
@@ -91,13 +95,32 @@ class BlockConfig:
       raise ValueError(f"stages must be >= 2; got {self}")
 
 
-def default_config(head_dim: int) -> BlockConfig:
-  """Block sizes that fit SMEM (Q 2*bq*D, K/V 2*stages*bkv*D, 2-byte elements) under 227 KiB."""
+def default_config(head_dim: int, heads: str = "duo") -> BlockConfig:
+  """The kernel's default blocks for a layer whose heads are "duo" (some of each kind), "full" or "streaming".
+
+  Block sizes fit SMEM (Q 2*bq*D, K/V 2*stages*bkv*D, 2-byte elements) under 227 KiB.
+  * "full" at head_dim 128 steps over 192 keys; the SMEM then needs ``reduction_scratch_bytes=0`` (the row
+    reductions stay inside warps) and the kernel runs without automatic warpgroup barriers. H200, same run:
+    16k 3.54 vs 3.79 ms and 64k 54.7 vs 58.9 ms against 128-key steps.
+  * "duo" keeps 128-key steps: streaming heads would visit 50% more keys per row at 192, and one launch with
+    192-key full-head steps and 128-key streaming steps measured no faster than 128 throughout (16k 1.19-1.25
+    vs 1.18-1.23 ms).
+  * "streaming" runs a persistent grid (tiles are ~(sink + window) / block_kv steps long, so per-tile latency
+    dominates) with mbarrier consumed signals (16k: 0.302 vs 0.308 and 0.309 vs 0.323 ms for named barriers).
+  """
+  if heads not in ("duo", "full", "streaming"):
+    raise ValueError(f"heads must be 'duo', 'full' or 'streaming'; got {heads!r}")
   if head_dim <= 64:
-    return BlockConfig(64, 128, 3)
-  if head_dim <= 128:
-    return BlockConfig(64, 128, 2)
-  return BlockConfig(64, 64, 2)
+    cfg = BlockConfig(64, 128, 3)
+  elif head_dim <= 128:
+    cfg = BlockConfig(64, 128, 2)
+    if heads == "full":
+      cfg = BlockConfig(64, 192, 2, reduction_scratch_bytes=0, no_auto_barriers=True)
+  else:
+    cfg = BlockConfig(64, 64, 2)
+  if heads == "streaming":
+    cfg = dataclasses.replace(cfg, persistent=True, named_consumed=False)
+  return cfg
 
 
 _SCHED_BAR = 10  # named barriers 10 and 11 (Mosaic GPU uses the low ids)
@@ -150,15 +173,12 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
     raise ValueError(f"k/v length ({Sk}) must equal q_offset + Sq ({q_offset} + {Sq})")
   G = Hq // Hkv
   dtype = q.dtype
+  nf = num_full_kv_heads
   if config is None:
-    cfg = default_config(D)
-    if num_full_kv_heads == 0:
-      # All-streaming layers: every tile is short (~(sink + window) / block_kv steps), so per-tile launch and
-      # epilogue latency dominate; a persistent grid overlaps them with the next tile's loads. With full
-      # heads present, the hardware's dynamic CTA scheduling balances the uneven causal tiles better.
-      # Consumed signals: mbarriers here, named barriers with full heads (H200, same-run medians: streaming 16k
-      # 0.302 vs 0.308 ms and 0.309 vs 0.323; full causal 16k 3.72 vs 3.82 ms, 64k 57.95 vs 58.61).
-      cfg = dataclasses.replace(cfg, persistent=True, named_consumed=False)
+    # All-streaming layers: every tile is short (~(sink + window) / block_kv steps), so per-tile launch and
+    # epilogue latency dominate; a persistent grid overlaps them with the next tile's loads. With full
+    # heads present, the hardware's dynamic CTA scheduling balances the uneven causal tiles better.
+    cfg = default_config(D, "streaming" if nf == 0 else "full" if nf == Hkv else "duo")
   else:
     cfg = config
   bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
@@ -166,17 +186,20 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   c2 = scale * _LOG2E  # scores -> base-2 logits in one multiply (fused into the exp2 argument's FMA)
 
   sq_pad = _round_up(Sq, 2 * bq)
-  sk_pad = _round_up(Sk, bkv)
-  if sq_pad != Sq:
-    q = jnp.pad(q, ((0, 0), (0, sq_pad - Sq), (0, 0), (0, 0)))
+  # The interpreter's dynamic slices clamp at the array's end, so it gets zero padding to whole blocks. On the
+  # GPU the TMA loads past the end read zeros and the TMA stores past it are dropped, so lengths are only
+  # rounded up to the 8-row TMA tiling (no copy at all when they are multiples of 8).
+  sq_in = sq_pad if interpret else _round_up(Sq, 8)
+  sk_pad = _round_up(Sk, bkv if interpret else 8)
+  if sq_in != Sq:
+    q = jnp.pad(q, ((0, 0), (0, sq_in - Sq), (0, 0), (0, 0)))
   if sk_pad != Sk:
     k = jnp.pad(k, ((0, 0), (0, sk_pad - Sk), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, sk_pad - Sk), (0, 0), (0, 0)))
-  nkb = sk_pad // bkv
-  n_qt = sq_pad // (2 * bq)
+  nkb = _cdiv(sk_pad, bkv)  # key blocks
   ns = _cdiv(sink, bkv)     # blocks holding sink keys
   nsf = sink // bkv         # blocks made only of sink keys
-  nf = num_full_kv_heads
+  n_qt = sq_pad // (2 * bq)
   named = cfg.named_barriers and not interpret
   named_cons = cfg.named_consumed and not interpret and stages <= 3
 
@@ -184,9 +207,10 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
     return jnp.asarray(x, jnp.int32)
 
   def schedule(q_head, qi):
-    """The CTA's KV step schedule, shared by the producer and the consumers (traced int32 scalars)."""
+    """The CTA's KV step schedule, shared by the producer and the consumers (traced int32 scalars; ``full``
+    is a Python bool when the layer has one kind of head)."""
     kv_head = lax.div(q_head, i32(G))
-    full = kv_head < nf
+    full = True if nf == Hkv else False if nf == 0 else kv_head < nf
     p0 = i32(q_offset) + qi * (2 * bq)            # position of the CTA's first query row
     p1 = p0 + (2 * bq - 1)
     hi_cta = lax.min(lax.div(p1, i32(bkv)) + 1, i32(nkb))
@@ -336,9 +360,12 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         row0 = qi * (2 * bq) + wg * bq            # first row of this warpgroup (padded q index)
         a = i32(q_offset) + row0                  # its position
         bpos = a + (bq - 1)
-        full = sch["full"]
         lo_cta, s_cta = sch["lo_cta"], sch["s_cta"]
+        to_step = lambda blk: blk - lo_cta + s_cta
 
+        plgpu.barrier_wait(q_bar.at[buf * 2 + wg])
+
+        full = sch["full"]  # a Python bool when the layer has one kind of head
         # Segment bounds (block indices), see the module docstring.
         hi_wg = lax.min(lax.div(bpos, i32(bkv)) + 1, i32(nkb))
         lo_w_wg = jnp.where(full, i32(0), lax.div(lax.max(a - (window - 1), i32(0)), i32(bkv)))
@@ -347,11 +374,8 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         mlo = jnp.where(full, i32(0), lax.div(lax.max(bpos - window, i32(-1)) + bkv, i32(bkv)))
         m0 = lax.min(lax.max(mlo, lo_need), hi_wg)
         m1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), m0), hi_wg)
-        to_step = lambda blk: blk - lo_cta + s_cta
         seg_sink_nomask = lax.min(s_cta, i32(nsf))
         window_eff = jnp.where(full, i32(_FULL_WINDOW), i32(window))
-
-        plgpu.barrier_wait(q_bar.at[buf * 2 + wg])
 
         m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -443,29 +467,42 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         nomask_step = functools.partial(compute_step, mask=None)
         mask_step = functools.partial(compute_step, mask="full")        # causal & (sink | window)
         causal_step = functools.partial(compute_step, mask="causal")    # blocks past the window's left edge
+
+        def walk_streaming(carry):
+          # Sink part: whole sink blocks unmasked, the partial one masked.
+          carry = lax.fori_loop(i32(0), seg_sink_nomask, nomask_step, carry)
+          carry = lax.fori_loop(seg_sink_nomask, s_cta, mask_step, carry)
+          if q_bufs == 2 and cfg.defer_q_prefetch:
+            # After the sink steps, so that this tile's first steps do not wait for the previous tile's output
+            # store to drain (this tile's Q is already in SMEM).
+            prefetch_next_q()
+          # Window part: skip what only the other warpgroup needs, mask the edges.
+          carry = lax.fori_loop(s_cta, to_step(lo_need), skip_step, carry)
+          if cfg.window_mask:
+            # Inside the masked window edge, the blocks past the sink blocks and wholly at or before the
+            # warpgroup's first row need only the window compare (one compare and a select per score).
+            w0 = lax.min(lax.max(lo_need, i32(ns)), m0)
+            w1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), w0), m0)
+            carry = lax.fori_loop(to_step(lo_need), to_step(w0), mask_step, carry)
+            carry = lax.fori_loop(to_step(w0), to_step(w1), functools.partial(compute_step, mask="window"), carry)
+            carry = lax.fori_loop(to_step(w1), to_step(m0), mask_step, carry)
+          else:
+            carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
+          carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
+          carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
+          carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
+          return carry
+
         carry = (acc, m_i, l_i)
-        # Sink part: whole sink blocks unmasked, the partial one masked.
-        carry = lax.fori_loop(i32(0), seg_sink_nomask, nomask_step, carry)
-        carry = lax.fori_loop(seg_sink_nomask, s_cta, mask_step, carry)
-        if q_bufs == 2 and cfg.defer_q_prefetch:
-          # After the sink steps, so that this tile's first steps do not wait for the previous tile's output
-          # store to drain (this tile's Q is already in SMEM).
-          prefetch_next_q()
-        # Window part: skip what only the other warpgroup needs, mask the edges.
-        carry = lax.fori_loop(s_cta, to_step(lo_need), skip_step, carry)
-        if cfg.window_mask:
-          # Inside the masked window edge, the blocks past the sink blocks and wholly at or before the
-          # warpgroup's first row need only the window compare (one compare and a select per score).
-          w0 = lax.min(lax.max(lo_need, i32(ns)), m0)
-          w1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), w0), m0)
-          carry = lax.fori_loop(to_step(lo_need), to_step(w0), mask_step, carry)
-          carry = lax.fori_loop(to_step(w0), to_step(w1), functools.partial(compute_step, mask="window"), carry)
-          carry = lax.fori_loop(to_step(w1), to_step(m0), mask_step, carry)
+        if full is True:
+          # A full head (known at trace time): no sink or window segments to compile.
+          if q_bufs == 2 and cfg.defer_q_prefetch:
+            prefetch_next_q()
+          carry = lax.fori_loop(i32(0), m1, nomask_step, carry)
+          carry = lax.fori_loop(m1, hi_wg, causal_step, carry)
+          carry = lax.fori_loop(hi_wg, n_cta, skip_step, carry)
         else:
-          carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
-        carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
-        carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
-        carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
+          carry = walk_streaming(carry)
         acc, m_i, l_i = carry
 
         sched_end()
@@ -543,7 +580,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       smem((stages, bkv, D)),
       smem((stages, bkv, D)),
       plgpu.SMEM((2, bq), jnp.float32),
-      smem((2, bq, bkv)) if interpret else None,
+      smem((2, bq, bkv)) if interpret else None,  # interpreter only: P staged through SMEM
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=2 * q_bufs),
@@ -551,7 +588,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2),
   ]
-  out_type = (jax.ShapeDtypeStruct((B, sq_pad, Hq, D), dtype),
+  out_type = (jax.ShapeDtypeStruct((B, sq_in, Hq, D), dtype),
               jax.ShapeDtypeStruct((B, Hq, sq_pad), jnp.float32))
   kernel = plgpu.kernel(
       body,
