@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks.timing import chunk_samples  # noqa: E402
 from duojax.kernels import decode_mgpu, duo_decode_attention  # noqa: E402
-from duojax.kernels.decode import _attend_lowp, _fold_queries  # noqa: E402
-from duojax.kernels.decode_reference import decode_streaming_visible  # noqa: E402
+from duojax.kernels.decode import _fold_queries  # noqa: E402
+from duojax.kernels.decode_reference import attend, decode_streaming_visible  # noqa: E402
 
 
 SMOKE = False
@@ -306,7 +306,7 @@ def duo_layer(results):
   fk = jax.jit(lambda qg, kr, vr, bias: decode_mgpu.combine_partials(*decode_mgpu.decode_partials(
       _fold_queries(qg), kr, vr, None, bias, config=cfg, scale=1 / math.sqrt(D), fast=not SMOKE,
       interpret=SMOKE), G))
-  fx = jax.jit(lambda qg, kr, vr, vis: _attend_lowp(qg, kr, vr, vis, 1 / math.sqrt(D)))
+  fx = jax.jit(lambda qg, kr, vr, vis: attend(qg, kr, vr, vis, 1 / math.sqrt(D), low_precision=True))
   for name, fn, a in (("streaming_only[kernel]", fk, (qg, kr, vr, bias)), ("streaming_only[xla]", fx,
                                                                              (qg, kr, vr, vis))):
     row = dict(shape=f"ring{R}_{ns}heads", method=name, kv_bytes=2 * B * R * ns * D * 2)

@@ -176,8 +176,28 @@ def num_full(full_row: Sequence[bool] | np.ndarray) -> int:
 # ----------------------------------------------------------------------------------------------- dataclasses
 
 
+class _LayerHeadGrid:
+  """``shape``, ``num_layers`` and ``num_kv_heads`` of a pattern held as one ``[layers, kv_heads]`` array
+  (``_grid``)."""
+
+  _grid: np.ndarray
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """``(num_layers, num_kv_heads)``."""
+    return (int(self._grid.shape[0]), int(self._grid.shape[1]))
+
+  @property
+  def num_layers(self) -> int:
+    return self.shape[0]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.shape[1]
+
+
 @dataclass(frozen=True, eq=False)
-class BinaryPattern:
+class BinaryPattern(_LayerHeadGrid):
   """Which KV heads are retrieval heads: ``full[layer, kv_head]`` is True for full attention.
 
   The array is stored as a read-only copy. Equality compares the arrays.
@@ -204,17 +224,8 @@ class BinaryPattern:
     return f"BinaryPattern(shape={self.shape}, sparsity={self.sparsity:.4f}, num_full={self.num_full_per_layer})"
 
   @property
-  def shape(self) -> tuple[int, int]:
-    """``(num_layers, num_kv_heads)``."""
-    return (int(self.full.shape[0]), int(self.full.shape[1]))
-
-  @property
-  def num_layers(self) -> int:
-    return self.shape[0]
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.shape[1]
+  def _grid(self) -> np.ndarray:
+    return self.full
 
   @property
   def num_full_per_layer(self) -> tuple[int, ...]:
@@ -299,7 +310,7 @@ class BinaryPattern:
 
 
 @dataclass(frozen=True, eq=False)
-class DuoPattern:
+class DuoPattern(_LayerHeadGrid):
   """Learned DuoAttention gates of one model plus the training run's config.
 
   Attributes:
@@ -346,17 +357,8 @@ class DuoPattern:
             f"source={str(self.source) if self.source else None!r})")
 
   @property
-  def shape(self) -> tuple[int, int]:
-    """``(num_layers, num_kv_heads)``."""
-    return (int(self.gates.shape[0]), int(self.gates.shape[1]))
-
-  @property
-  def num_layers(self) -> int:
-    return self.shape[0]
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.shape[1]
+  def _grid(self) -> np.ndarray:
+    return self.gates
 
   @property
   def name(self) -> str:

@@ -116,6 +116,20 @@ def test_bad_arguments(bad, match):
     duo_attention(q, k, v, **kw)
 
 
+def test_default_config_by_layer_kind():
+  """All-full layers at head_dim 128 step over 192 keys (SMEM fits only without the reduction scratch), duo
+  layers over 128, all-streaming layers run the persistent grid; other head dims keep their blocks."""
+  from duojax.kernels.prefill_mgpu import default_config  # noqa: PLC0415
+  full, duo, stream = (default_config(128, h) for h in ("full", "duo", "streaming"))
+  assert (full.block_kv, full.reduction_scratch_bytes, full.no_auto_barriers, full.persistent) == (192, 0, True, False)
+  assert (duo.block_kv, duo.persistent) == (128, False)
+  assert (stream.block_kv, stream.persistent, stream.named_consumed) == (128, True, False)
+  assert default_config(64, "full").block_kv == default_config(64, "duo").block_kv == 128
+  assert default_config(256, "full").block_kv == 64
+  with pytest.raises(ValueError, match="heads"):
+    default_config(128, "mixed")
+
+
 def test_bad_shapes_and_dtypes():
   q, k, v = _inputs(0, 1, 16, 4, 2, 64, 0, jnp.bfloat16)
   kw = dict(num_full_kv_heads=1, sink=2, window=4, impl="interpret")

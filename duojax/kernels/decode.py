@@ -7,7 +7,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from duojax.kernels.decode_reference import decode_streaming_visible, duo_decode_reference
+from duojax.kernels.decode_reference import (attend, decode_streaming_visible, duo_decode_reference,
+                                             merge_heads)
 from duojax.kernels.hardware import resolve_impl
 from duojax.kernels.validation import KERNEL_DTYPES, SUPPORTED_DTYPES, check_sink_window
 
@@ -123,23 +124,6 @@ def duo_decode_attention(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *
   return (out, lse) if return_lse else out
 
 
-def _attend_lowp(q, k, v, visible, scale):
-  """XLA attention over a small cache (the ring): bf16/fp16 matmuls with float32 accumulation and softmax.
-
-  q ``[B, H, G, D]``, k/v ``[B, S, H, D]``, visible ``[B, S]`` -> out ``[B, H, G, D]`` f32, lse ``[B, H, G]``.
-  """
-  s = jnp.einsum("bhgd,bshd->bhgs", q, k, preferred_element_type=jnp.float32)
-  s = jnp.where(visible[:, None, None, :], s * scale, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m_safe)
-  l = jnp.sum(p, axis=-1)
-  o = jnp.einsum("bhgs,bshd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  o = o / jnp.where(l == 0, 1.0, l)[..., None]
-  lse = jnp.where(l > 0, m_safe[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  return o, lse
-
-
 def _fold_queries(qg):
   """``[B, H, G, D]`` -> ``[B, H, 64, D]`` (zero rows after the group's G heads)."""
   G = qg.shape[2]
@@ -201,9 +185,7 @@ def _decode_pallas(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, sink
                                           interpret=interpret, q_head_offset=off)
       o, lse = decode_mgpu.combine_partials(o, l2, G)
     else:
-      o, lse = _attend_lowp(qg[:, nf:], k_ring, v_ring, vis, scale)
+      o, lse = attend(qg[:, nf:], k_ring, v_ring, vis, scale, low_precision=True)
     outs.append(o)
     lses.append(lse)
-  out = jnp.concatenate(outs, axis=1).reshape(B, Hq, D).astype(q.dtype)
-  lse = jnp.concatenate(lses, axis=1).reshape(B, Hq)
-  return out, lse
+  return merge_heads(outs, lses, (B, Hq, D), q.dtype)

@@ -33,18 +33,38 @@ def decode_streaming_visible(ring_pos, lengths, *, sink: int, window: int):
   return visible_mask(p, ring_pos.astype(jnp.int32), True, sink=sink, window=window)
 
 
-def _attend(q, k, v, visible, scale):
-  """q [B, H, G, D] f32, k/v [B, S, H, D], visible [B, S] bool -> out [B, H, G, D] f32, lse [B, H, G]."""
-  s = jnp.einsum("bhgd,bshd->bhgs", q, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+def attend(q, k, v, visible, scale, *, low_precision: bool = False):
+  """Softmax attention of grouped decode queries over a cache, rows that see nothing give 0 (lse ``-inf``).
+
+  q ``[B, H, G, D]``, k/v ``[B, S, H, D]``, visible ``[B, S]`` bool -> out ``[B, H, G, D]`` f32, lse ``[B, H, G]``.
+  Softmax is float32. ``low_precision``: the matmuls run in k/v's dtype (q and P cast to it) with float32
+  accumulation, as a bf16/fp16 kernel would; otherwise everything is float32 at HIGHEST precision (reference).
+  """
+  if low_precision:
+    mm = dict(preferred_element_type=jnp.float32)
+    q = q.astype(k.dtype)
+  else:
+    mm = dict(precision=jax.lax.Precision.HIGHEST)
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  s = jnp.einsum("bhgd,bshd->bhgs", q, k, **mm)
   s = jnp.where(visible[:, None, None, :], s * scale, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(s - m_safe)
   l = jnp.sum(p, axis=-1)
-  o = jnp.einsum("bhgs,bshd->bhgd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  o = jnp.einsum("bhgs,bshd->bhgd", p.astype(v.dtype), v, **mm)
   o = o / jnp.where(l == 0, 1.0, l)[..., None]
   lse = jnp.where(l > 0, m_safe[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
   return o, lse
+
+
+def merge_heads(outs, lses, shape, dtype):
+  """Per-kind parts ``[B, h, G, D]`` / ``[B, h, G]`` (retrieval heads first) -> out ``shape`` = ``[B, Hq, D]`` in
+  ``dtype`` and lse ``[B, Hq]``."""
+  B, Hq, _ = shape
+  out = jnp.concatenate(outs, axis=1).reshape(shape).astype(dtype)
+  lse = jnp.concatenate(lses, axis=1).reshape(B, Hq)
+  return out, lse
 
 
 def duo_decode_reference(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, sink: int, window: int,
@@ -65,14 +85,12 @@ def duo_decode_reference(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *
   if nf:
     L = k_full.shape[1]
     vis = jnp.arange(L, dtype=jnp.int32)[None, :] < lengths[:, None]
-    o, lse = _attend(qf[:, :nf], k_full, v_full, vis, scale)
+    o, lse = attend(qf[:, :nf], k_full, v_full, vis, scale)
     outs.append(o)
     lses.append(lse)
   if ns:
     vis = decode_streaming_visible(ring_pos, lengths, sink=sink, window=window)
-    o, lse = _attend(qf[:, nf:], k_ring, v_ring, vis, scale)
+    o, lse = attend(qf[:, nf:], k_ring, v_ring, vis, scale)
     outs.append(o)
     lses.append(lse)
-  out = jnp.concatenate(outs, axis=1).reshape(B, Hq, D).astype(q.dtype)
-  lse = jnp.concatenate(lses, axis=1).reshape(B, Hq)
-  return out, lse
+  return merge_heads(outs, lses, (B, Hq, D), q.dtype)
