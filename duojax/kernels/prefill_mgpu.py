@@ -29,7 +29,7 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   are adjacent, so CTAs that read the same K/V tiles run at the same time and share them through L2 (GQA
   groups are not folded into one CTA). Query tiles run in reverse order (largest causal tiles first) so the
   light tiles fill the tail; full and streaming heads are interleaved inside every wave, so a 25%-retrieval
-  layer costs ~ its share of the work (measured 0.32x of all-full at 16k). When every head is streaming
+  layer costs ~ its share of the work (0.33x of all-full with the same 128-key steps at 16k). When every head is streaming
   (``nf == 0``) the default is a persistent grid (one CTA per SM, static round-robin over the same tile order):
   tiles are only ~(sink + window) / block_kv steps long, and the K/V ring, the next tile's Q load (double
   buffered Q, issued after the tile's sink steps) and the previous tile's output store then overlap across
@@ -38,8 +38,8 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   and the TMA stores drop the rows past the end (lengths are only rounded up to a multiple of 8, the TMA
   tiling, so 16k or 1000 tokens are never copied). Keys past ``Sk - 1`` lie after every real query, so the
   causal rule masks them. The interpreter pads q to whole tiles and k/v to whole blocks instead.
-* Blocks (``default_config``): 64 query rows per warpgroup; 128 keys per step, or 192 for all-full layers at
-  head_dim 128 (fewer, wider steps amortize the per-step barriers and row reductions).
+* Blocks (``default_config``): 64 query rows per warpgroup; 128 keys per step (64 at head_dim 256), or 192 for
+  all-full layers at head_dim 128 (fewer, wider steps amortize the per-step barriers and row reductions).
 
 ``interpret=True`` runs the same kernel through Mosaic-GPU's CPU interpreter (for CI). It cannot run wgmma with
 a register operand or ``run_state`` accumulators, so only those two pieces switch: P is staged through SMEM and
