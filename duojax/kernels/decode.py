@@ -141,6 +141,9 @@ def _decode_pallas(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, sink
   fast = not interpret
   outs, lses = [], []
   R = k_ring.shape[1]
+  # One launch for both kinds of heads when the block size divides the ring (measured on an H200 with a ring of
+  # 320: forcing 64-row blocks onto the retrieval heads cost about what the saved launch gained).
+  fuses = lambda block_kv: ns > 0 and R % block_kv == 0 and streaming_impl in ("auto", "fused")
   if nf:
     L = k_full.shape[1]
     cfg = config
@@ -148,11 +151,8 @@ def _decode_pallas(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, sink
       bk = 128 if (L % 128 == 0 and D <= 128) else 64
       if streaming_impl == "fused" and ns and R % bk:
         bk = 64
-      fuse = streaming_impl in ("auto", "fused") and ns > 0 and R % bk == 0
-      cfg = decode_mgpu.pick_config(L, D, B * nf, block_kv=bk, other_ctas=B * ns if fuse else 0)
-    # One launch for both kinds of heads when the block size divides the ring (measured on an H200 with a ring of
-    # 320: forcing 64-row blocks onto the retrieval heads cost about what the saved launch gained).
-    fused = ns > 0 and R % cfg.block_kv == 0 and streaming_impl in ("auto", "fused")
+      cfg = decode_mgpu.pick_config(L, D, B * nf, block_kv=bk, other_ctas=B * ns if fuses(bk) else 0)
+    fused = fuses(cfg.block_kv)
     q_in = qg if (fast and cfg.unpadded_q) else None
     if fused:
       vis = decode_streaming_visible(ring_pos, lengths, sink=sink, window=window)
@@ -160,11 +160,9 @@ def _decode_pallas(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, sink
       (o, l2), (o_s, l2_s) = decode_mgpu.decode_partials_duo(
           qg if q_in is not None else _fold_queries(qg), k_full, v_full, lengths, k_ring, v_ring, bias, config=cfg,
           scale=scale, fast=fast, interpret=interpret)
-      out, lse = decode_mgpu.combine_partials(o, l2, G)
-      out_s, lse_s = decode_mgpu.combine_partials(o_s, l2_s, G)  # one split: normalisation and lse only
-      out = jnp.concatenate([out, out_s], axis=1)
-      lse = jnp.concatenate([lse, lse_s], axis=1)
-      return out.reshape(B, Hq, D).astype(q.dtype), lse.reshape(B, Hq)
+      parts = [decode_mgpu.combine_partials(o, l2, G),
+               decode_mgpu.combine_partials(o_s, l2_s, G)]  # streaming: one split, normalisation and lse only
+      return merge_heads([o for o, _ in parts], [lse for _, lse in parts], (B, Hq, D), q.dtype)
     o, l2 = decode_mgpu.decode_partials(q_in if q_in is not None else _fold_queries(qg[:, :nf]), k_full, v_full,
                                         lengths, None, config=cfg, scale=scale, fast=fast, interpret=interpret)
     o, lse = decode_mgpu.combine_partials(o, l2, G)

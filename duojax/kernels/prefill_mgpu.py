@@ -29,8 +29,9 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   are adjacent, so CTAs that read the same K/V tiles run at the same time and share them through L2 (GQA
   groups are not folded into one CTA). Query tiles run in reverse order (largest causal tiles first) so the
   light tiles fill the tail; full and streaming heads are interleaved inside every wave, so a 25%-retrieval
-  layer costs ~ its share of the work (0.33x of all-full with the same 128-key steps at 16k). When every head is streaming
-  (``nf == 0``) the default is a persistent grid (one CTA per SM, static round-robin over the same tile order):
+  layer costs ~ its share of the work (0.33x of all-full with the same 128-key steps at 16k). When every head
+  is streaming (``nf == 0``) the default is a persistent grid (one CTA per SM, static round-robin over the same
+  tile order):
   tiles are only ~(sink + window) / block_kv steps long, and the K/V ring, the next tile's Q load (double
   buffered Q, issued after the tile's sink steps) and the previous tile's output store then overlap across
   tiles (16k: 0.28 ms vs 0.34 ms).
@@ -432,16 +433,12 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
           acc = acc * bcast(alpha, acc.shape)
           l_i = l_i * alpha
           p16 = p.astype(dtype)
-
-          def end_softmax_barriers():
-            sched_before_pv(slot)
-
           if D <= 128:
             l_i = l_i + p.sum(axis=1)
             acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-            end_softmax_barriers()
+            sched_before_pv(slot)
           else:
-            end_softmax_barriers()
+            sched_before_pv(slot)
             l_i = l_i + p.sum(axis=1)
 
           if interpret:
@@ -468,7 +465,8 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         mask_step = functools.partial(compute_step, mask="full")        # causal & (sink | window)
         causal_step = functools.partial(compute_step, mask="causal")    # blocks past the window's left edge
 
-        def walk_streaming(carry):
+        def sink_and_window_edge(carry):
+          """A streaming head's first segments: the sink blocks, the skipped gap and the masked window edge."""
           # Sink part: whole sink blocks unmasked, the partial one masked.
           carry = lax.fori_loop(i32(0), seg_sink_nomask, nomask_step, carry)
           carry = lax.fori_loop(seg_sink_nomask, s_cta, mask_step, carry)
@@ -488,21 +486,17 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             carry = lax.fori_loop(to_step(w1), to_step(m0), mask_step, carry)
           else:
             carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
-          carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
-          carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
-          carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
           return carry
 
         carry = (acc, m_i, l_i)
-        if full is True:
-          # A full head (known at trace time): no sink or window segments to compile.
+        if full is True:  # a full head known at trace time: no sink or window segments to compile (m0 = 0)
           if q_bufs == 2 and cfg.defer_q_prefetch:
             prefetch_next_q()
-          carry = lax.fori_loop(i32(0), m1, nomask_step, carry)
-          carry = lax.fori_loop(m1, hi_wg, causal_step, carry)
-          carry = lax.fori_loop(hi_wg, n_cta, skip_step, carry)
         else:
-          carry = walk_streaming(carry)
+          carry = sink_and_window_edge(carry)
+        carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
+        carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
+        carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
         acc, m_i, l_i = carry
 
         sched_end()
