@@ -31,10 +31,9 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   light tiles fill the tail; full and streaming heads are interleaved inside every wave, so a 25%-retrieval
   layer costs ~ its share of the work (0.33x of all-full with the same 128-key steps at 16k). When every head
   is streaming (``nf == 0``) the default is a persistent grid (one CTA per SM, static round-robin over the same
-  tile order):
-  tiles are only ~(sink + window) / block_kv steps long, and the K/V ring, the next tile's Q load (double
-  buffered Q, issued after the tile's sink steps) and the previous tile's output store then overlap across
-  tiles (16k: 0.28 ms vs 0.34 ms).
+  tile order): tiles are only ~(sink + window) / block_kv steps long, and the K/V ring, the next tile's Q load
+  (double buffered Q, issued after the tile's sink steps) and the previous tile's output store then overlap
+  across tiles (16k: 0.28 ms vs 0.34 ms).
 * Any length: the last query tile and key block reach past the arrays' ends; the TMA loads read zeros there
   and the TMA stores drop the rows past the end (lengths are only rounded up to a multiple of 8, the TMA
   tiling, so 16k or 1000 tokens are never copied). Keys past ``Sk - 1`` lie after every real query, so the
