@@ -6,6 +6,11 @@ import pathlib
 
 import pytest
 
+# Mosaic-GPU interpret mode runs a kernel's warpgroups as concurrent XLA CPU computations; when XLA's CPU thread
+# pool is smaller than that, it can deadlock (see duojax/kernels/interpret.py). The pool is sized from PJRT_NPROC
+# when the CPU backend starts, which is after this file is imported (subprocesses inherit it).
+os.environ.setdefault("PJRT_NPROC", str(max(4, os.cpu_count() or 1)))
+
 SMOLLM2_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "smollm2"
 
 

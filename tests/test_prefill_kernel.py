@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -128,6 +132,45 @@ def test_default_config_by_layer_kind():
   assert default_config(256, "full").block_kv == 64
   with pytest.raises(ValueError, match="heads"):
     default_config(128, "mixed")
+
+
+def test_interpret_pool_size_warning(monkeypatch):
+  from duojax.kernels import interpret  # noqa: PLC0415
+  monkeypatch.setenv("PJRT_NPROC", "1")
+  interpret._warn_small_pool.cache_clear()
+  with pytest.warns(RuntimeWarning, match=r"has 1 thread\(s\) here.*Set PJRT_NPROC=4"):
+    interpret.interpret_params(3)
+  monkeypatch.setenv("PJRT_NPROC", "4")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    interpret.interpret_params(3)
+    interpret.interpret_params(1)
+  monkeypatch.delenv("PJRT_NPROC")
+  monkeypatch.setenv("NPROC", "2")
+  assert interpret.cpu_pool_size() == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_interpret_kernel_on_one_cpu_with_sized_pool():
+  """Pinned to one CPU, XLA's CPU pool has one thread and the 3-warpgroup interpreted kernel deadlocks (a CI run
+  hung this way); with PJRT_NPROC=4, what the warning asks for and conftest sets, it finishes and is right."""
+  code = textwrap.dedent("""
+      import os
+      os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+      import jax.numpy as jnp, numpy as np
+      from tests.test_prefill_kernel import _check, _inputs
+      from duojax.kernels.prefill_mgpu import BlockConfig, duo_prefill_mgpu
+      q, k, v = _inputs(1, 1, 200, 2, 2, 64, 0, jnp.bfloat16)
+      kw = dict(num_full_kv_heads=1, sink=4, window=16, q_offset=0)
+      out, lse = duo_prefill_mgpu(q, k, v, config=BlockConfig(64, 64, 2), interpret=True, num_ctas=2, **kw)
+      _check(out, lse, q, k, v, **kw)
+      print("ok", len(os.sched_getaffinity(0)))
+  """)
+  env = {**os.environ, "PJRT_NPROC": "4", "JAX_PLATFORMS": "cpu"}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["ok", "1"]
 
 
 def test_bad_shapes_and_dtypes():

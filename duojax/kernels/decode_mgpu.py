@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from duojax.kernels.interpret import interpret_params
+
 __all__ = ["DecodeConfig", "decode_partials", "decode_partials_duo", "combine_partials", "pick_config"]
 
 LOG2E = math.log2(math.e)
@@ -297,7 +299,7 @@ def decode_partials(qp, k, v, lengths, bias, *, config: DecodeConfig, scale: flo
               jax.ShapeDtypeStruct((B, H, splits, ROWS), jnp.float32))
   kwargs = {}
   if interpret:
-    kwargs["interpret"] = plgpu.InterpretGPUParams()
+    kwargs["interpret"] = interpret_params(1)
   call = plgpu.kernel(
       entry,
       out_type=out_type,
@@ -377,7 +379,7 @@ def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, co
   C = ns + nf * splits
   out_type = (jax.ShapeDtypeStruct((B, C, 1, out_rows, D), dtype),
               jax.ShapeDtypeStruct((B, C, 1, ROWS), jnp.float32))
-  kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+  kwargs = {"interpret": interpret_params(1)} if interpret else {}
   call = plgpu.kernel(
       entry, out_type=out_type, scratch_types=scratch, grid=(C, B), grid_names=("c", "b"),
       compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)

@@ -27,6 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from duojax.kernels.interpret import interpret_params
+
 __all__ = ["GemvConfig", "pick_gemv_config", "gemv", "gemv_multi", "gemv_supported"]
 
 BLOCK_N = 64  # the output-column granularity every weight must have (wgmma M is a multiple of 64)
@@ -183,7 +185,7 @@ def gemv_partials(x, ws, *, config: GemvConfig, fast: bool = True, interpret: bo
   )
   body = functools.partial(_gemv_body, block_k=bk, block_n=bn, num_stages=stages, k_tiles=k_tiles, splits=splits,
                            rows=rows, fast=fast, bounds=tuple(bounds))
-  kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+  kwargs = {"interpret": interpret_params(1)} if interpret else {}
   call = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((splits, n_tiles * bn, rows), jnp.float32), scratch_types=scratch,
       grid=(n_tiles, splits), grid_names=("n", "s"), **kwargs)

@@ -59,11 +59,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from duojax.kernels.interpret import interpret_params
+
 __all__ = ["BlockConfig", "default_config", "duo_prefill_mgpu"]
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _FULL_WINDOW = 1 << 30  # "infinite" window for full heads
+_NUM_WARPGROUPS = 3  # two compute warpgroups and the TMA producer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -589,14 +592,14 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       scratch_types=scratch,
       grid=(n_ctas,) if cfg.persistent else (Hq, B, n_qt),
       grid_names=("cta",) if cfg.persistent else ("heads", "batch", "q_seq"),
-      num_threads=3,
+      num_threads=_NUM_WARPGROUPS,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           approx_math=True,
           unsafe_no_auto_barriers=cfg.no_auto_barriers,
           **({} if cfg.reduction_scratch_bytes is None
              else dict(reduction_scratch_bytes=cfg.reduction_scratch_bytes))),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      interpret=interpret_params(_NUM_WARPGROUPS) if interpret else None,
   )
   out, lse = kernel(q, k, v)
   return out[:, :Sq], lse[:, :, :Sq]
