@@ -97,6 +97,7 @@ def main(argv=None) -> None:
   out = pathlib.Path("/tmp/duojax_results")  # many files: packed into one tarball under $OUT
   out.mkdir(parents=True, exist_ok=True)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), PYTHONUNBUFFERED="1", OUT=str(out),
+             DUOJAX_REQUIRE_GPU_TESTS="1",  # a gpu-marked test that skips (no Hopper found) fails
              XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95"))
   deadline = time.time() + args.timeout
   summary = []

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from duojax.cache import DuoCache, decode, init_cache, prefill_chunk
+from duojax.cache import DuoCache, cache_bytes, decode, init_cache, prefill_chunk
 from duojax.kernels.hardware import resolve_impl
 
 
@@ -50,6 +50,7 @@ class GenerationResult:
   prefill_seconds: float
   decode_seconds: float
   attention_impl: str  # "pallas" (Mosaic-GPU kernels) or "reference" (pure JAX)
+  cache_bytes: dict[str, int]  # bytes of the KV cache this call used: "retrieval", "streaming", "total"
 
   @property
   def tokens_per_second(self) -> float:
@@ -199,7 +200,7 @@ class Generator:
     logits.block_until_ready()
     t1 = time.perf_counter()
     stop_ids = jnp.asarray(list(stop_tokens) or [-2], jnp.int32)
-    out, _ = self._decode(self.graphdef, self.state, cache, logits, jax.random.key(seed), stop_ids,
+    out, cache = self._decode(self.graphdef, self.state, cache, logits, jax.random.key(seed), stop_ids,
                           max_new_tokens=max_new_tokens, sampling=sampling, impl=self.impl, stream=stream)
     out = np.asarray(out)
     t2 = time.perf_counter()
@@ -211,7 +212,7 @@ class Generator:
       generated.append(row)
       reasons.append("stop_token" if row and row[-1] in stop_set else "max_new_tokens")
     texts = [self.tokenizer.decode(g) for g in generated] if self.tokenizer is not None else None
-    return GenerationResult(generated, texts, reasons, lengths, t1 - t0, t2 - t1, self.impl)
+    return GenerationResult(generated, texts, reasons, lengths, t1 - t0, t2 - t1, self.impl, cache_bytes(cache))
 
   def _default_stop_tokens(self) -> list[int]:
     tok_eos = getattr(self.tokenizer, "eos_token_ids", None) if self.tokenizer is not None else None

@@ -1,5 +1,6 @@
 """Shared fixtures: the SmolLM2-135M-Instruct GGUF (imported once per session) and its golden figures."""
 
+import faulthandler
 import json
 import os
 import pathlib
@@ -10,6 +11,47 @@ import pytest
 # pool is smaller than that, it can deadlock (see duojax/kernels/interpret.py). The pool is sized from PJRT_NPROC
 # when the CPU backend starts, which is after this file is imported (subprocesses inherit it).
 os.environ.setdefault("PJRT_NPROC", str(max(4, os.cpu_count() or 1)))
+
+import jax  # noqa: E402
+
+# The interpreter's host callbacks run JAX operations of their own. With asynchronous CPU dispatch, a test that
+# went on dispatching while an interpreted kernel still ran once hung: the test's thread and the kernel's callback
+# thread both waited in XLA's CPU executable semaphore. Synchronous dispatch runs one computation at a time per
+# thread, so a kernel's callbacks never wait behind the test's own work.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """With ``DUOJAX_REQUIRE_GPU_TESTS=1`` (set by benchmarks/gpu_suite.py) a ``gpu`` test that skips fails: on the
+  GPU machine a skip means the kernels were not tested (no Hopper found, CUDA plugin missing)."""
+  outcome = yield
+  report = outcome.get_result()
+  if report.skipped and item.get_closest_marker("gpu") and os.environ.get("DUOJAX_REQUIRE_GPU_TESTS") == "1":
+    report.outcome = "failed"
+    report.longrepr = f"gpu test skipped but DUOJAX_REQUIRE_GPU_TESTS=1: {report.longrepr}"
+
+
+HANG_DIR = pathlib.Path(__file__).resolve().parents[1] / ".test-hangs"
+HANG_DUMP_SECONDS = int(os.environ.get("DUOJAX_HANG_DUMP_SECONDS", "600"))  # pytest-timeout ends a test at 900 s
+
+
+@pytest.fixture(autouse=True)
+def _stacks_of_a_hung_test(request):
+  """A test still running after 10 minutes writes every thread's stack to ``.test-hangs/`` (scripts/test.sh prints
+  it): pytest-timeout then ends the xdist worker, whose own stderr is not shown."""
+  HANG_DIR.mkdir(exist_ok=True)
+  path = HANG_DIR / f"{os.getpid()}.txt"
+  with open(path, "w") as f:
+    f.write(f"{request.node.nodeid} still running after {HANG_DUMP_SECONDS} s:\n")
+    f.flush()
+    faulthandler.dump_traceback_later(HANG_DUMP_SECONDS, file=f)
+    try:
+      yield
+    finally:
+      faulthandler.cancel_dump_traceback_later()
+  path.unlink()
+
 
 SMOLLM2_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "smollm2"
 

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from duojax.cache import cache_bytes, init_cache
 from duojax.config import DuoSpec
 from duojax.generate import Generator, SamplingConfig, bucket_length, sample_logits
 from duojax.models.params import build_model
@@ -38,34 +37,44 @@ def test_batch_equals_single_prompts(smollm2, smollm2_golden):
 
 
 def test_duo_pattern_runs_with_constant_streaming_cache(smollm2):
+  """A ~50%-streaming pattern: the Generator's own cache has a ring of sink + window slots whatever max_len is
+  (only the retrieval part grows), and its greedy tokens are those of one forward pass with the duo mask."""
   config, params, tokenizer, _ = smollm2
   rng = np.random.default_rng(0)
   num_full = rng.integers(0, config.num_key_value_heads + 1, config.num_hidden_layers)  # ~50% streaming
-  duo = DuoSpec.from_num_full(num_full, config.num_key_value_heads, sink=4, window=16)
+  sink, window = 4, 16
+  duo = DuoSpec.from_num_full(num_full, config.num_key_value_heads, sink=sink, window=window)
   model = build_model(config, params, duo)
   prompt = tokenizer.encode("The grass is green. " * 12)  # longer than sink + window: the ring wraps
-  streaming = []
+  assert len(prompt) > 2 * (sink + window)
+  num_streaming = int((config.num_key_value_heads - num_full).sum())
+  ring_bytes = num_streaming * (sink + window) * config.head_dim * 2 * 4 + config.num_hidden_layers * (sink + window) * 4
+  sizes = []
   for max_len in (128, 512):
     gen = Generator(model, tokenizer, max_len=max_len, chunk_size=32, impl="reference")
     result = gen.generate(prompt, max_new_tokens=8)
-    assert len(result.tokens[0]) == 8
-    cache = init_cache(config, duo, 1, gen.max_len, jnp.float32)
-    streaming.append(cache_bytes(cache)["streaming"])
-    assert {l.k_ring.shape[1] for l in cache.layers} == {4 + 16}
-  assert streaming[0] == streaming[1] > 0
-  assert result.texts[0].strip()
+    assert result.stop_reasons == ["max_new_tokens"] and len(result.tokens[0]) == 8
+    sizes.append(result.cache_bytes)
+    seq = prompt + result.tokens[0]
+    logits = np.asarray(model(jnp.asarray([seq]), impl="reference"))[0]  # one pass, duo mask, no cache
+    assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == result.tokens[0]
+  assert sizes[0]["streaming"] == sizes[1]["streaming"] == ring_bytes  # float32 k and v, int32 positions
+  retrieval_per_slot = int(num_full.sum()) * config.head_dim * 2 * 4
+  assert [s["retrieval"] for s in sizes] == [128 * retrieval_per_slot, 512 * retrieval_per_slot]
 
 
 def test_no_recompilation_within_a_bucket(smollm2):
   config, params, tokenizer, model = smollm2
   gen = Generator(model, tokenizer, max_len=128, impl="reference")
+  prompts = ["Hello there", "A different prompt of another length"]
+  lengths = [len(tokenizer.encode(p)) for p in prompts] + [6, 3]  # the batches' longest prompts below
+  assert len(set(lengths)) == 3 and {bucket_length(n, 128) for n in lengths} == {16}  # one bucket
   with jax.log_compiles(False):
-    gen.generate("Hello there", max_new_tokens=5)
+    gen.generate(prompts[0], max_new_tokens=5)
     n_prefill, n_decode = gen._prefill._cache_size(), gen._decode._cache_size()
-    gen.generate("A different prompt of another length", max_new_tokens=5)
+    gen.generate(prompts[1], max_new_tokens=5)
     gen.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]], max_new_tokens=5)  # batch of 2: new shapes, compiles once
     gen.generate([[1, 2], [4, 5, 6]], max_new_tokens=5)
-  assert bucket_length(3, 128) == bucket_length(9, 128) == 16
   assert gen._prefill._cache_size() == n_prefill + 1  # only the batch-of-2 shape was new
   assert gen._decode._cache_size() == n_decode + 1
 

@@ -19,8 +19,10 @@ from hypothesis.extra import numpy as hnp
 
 from duojax import patterns as P
 from duojax.patterns import BinaryPattern, DuoPattern
+from tests.shared_data import SHARED
+from tests.shared_data import needs_shared as needs_shared_path
 
-SHARED_PATTERNS = Path(__file__).resolve().parents[1].parent / "shared" / "patterns"
+SHARED_PATTERNS = SHARED / "patterns"
 
 EXPECTED_SHAPES = {
     "Llama-2-7B-32K-Instruct": (32, 32),
@@ -32,7 +34,7 @@ EXPECTED_SHAPES = {
 }
 SPARSITIES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
-needs_shared = pytest.mark.skipif(not SHARED_PATTERNS.is_dir(), reason=f"{SHARED_PATTERNS} not present")
+needs_shared = needs_shared_path(SHARED_PATTERNS)
 
 
 def _model_dir(model: str) -> Path:
@@ -367,8 +369,8 @@ def test_binary_tsv(tmp_path):
 @pytest.mark.parametrize("config_text, match", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "JSON object"),
-    ('{"sink_size": -1}', "sink_size"),
-    ('{"recent_size": "256"}', "recent_size"),
+    ('{"sink_size": -1}', r"sink_size must be an int >= 0 or None in .*config\.json; got -1"),
+    ('{"recent_size": "256"}', r"recent_size must be an int >= 0 or None in .*config\.json; got '256'"),
 ])
 def test_bad_config(tmp_path, config_text, match):
   d = _write_tsv(tmp_path / "p", "0.5\n")

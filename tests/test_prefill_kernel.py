@@ -20,6 +20,7 @@ from duojax.kernels import duo_attention
 from duojax.kernels.hardware import hopper_device_kind
 from duojax.kernels.prefill_mgpu import BlockConfig, duo_prefill_mgpu
 from duojax.kernels.reference import duo_attention_reference
+from tests.oracle import attention_oracle
 
 needs_hopper = pytest.mark.skipif(hopper_device_kind() is None, reason="needs a Hopper GPU")
 
@@ -48,7 +49,7 @@ def _check(out, lse, q, k, v, **kw):
 # (B, Sq, Hq, Hkv, D, nf, sink, window, q_offset, dtype, block config); block configs are small so that the
 # short CPU cases still exercise several KV steps, sink/window skipping, skip steps and the persistent loop.
 CASES = [
-    # odd length, MHA, some retrieval heads, sink + small window
+    # length not a multiple of the tiles, MHA, some retrieval heads, sink + small window
     (1, 200, 2, 2, 64, 1, 4, 16, 0, jnp.bfloat16, BlockConfig(64, 64, 2)),
     # GQA 3, all streaming, window 1, sink 0, fp16, batch 2
     (2, 77, 6, 2, 64, 0, 0, 1, 0, jnp.float16, BlockConfig(64, 64, 2)),
@@ -71,7 +72,7 @@ CASES = [
                          f"s{c[6]}w{c[7]}o{c[8]}{jnp.dtype(c[9]).name}{'p' if c[10].persistent else ''}")
 def test_interpret_kernel_vs_reference(case):
   B, Sq, Hq, Hkv, D, nf, sink, window, q_offset, dtype, cfg = case
-  q, k, v = _inputs(hash(case[:9]) % 1000, B, Sq, Hq, Hkv, D, q_offset, dtype)
+  q, k, v = _inputs(CASES.index(case), B, Sq, Hq, Hkv, D, q_offset, dtype)  # a fixed seed per case
   kw = dict(num_full_kv_heads=nf, sink=sink, window=window, q_offset=q_offset)
   out, lse = duo_prefill_mgpu(q, k, v, config=cfg, interpret=True, num_ctas=3, **kw)
   assert out.dtype == dtype and lse.dtype == jnp.float32
@@ -90,17 +91,25 @@ def test_public_interpret_pads_head_dim_and_keeps_scale():
 
 
 def test_reference_impl_and_auto_fallback():
+  """impl="reference" (and "auto" off Hopper, which warns once) against the float64 loop oracle, out and lse."""
+  from duojax.kernels import hardware  # noqa: PLC0415
   q, k, v = _inputs(3, 1, 40, 4, 2, 64, 8, jnp.float32)
   kw = dict(num_full_kv_heads=1, sink=2, window=5, q_offset=8)
-  ref = duo_attention_reference(q, k, v, **kw)
-  out = duo_attention(q, k, v, impl="reference", **kw)
-  np.testing.assert_allclose(out[0], ref[0])
+  want_out, want_lse = attention_oracle(q, k, v, **kw)
+  impls = ["reference"] + (["auto"] if hopper_device_kind() is None else [])
+  for impl in impls:
+    hardware._warn_fallback_once.cache_clear()
+    if impl == "auto":
+      with pytest.warns(RuntimeWarning, match=r"no Hopper GPU found .*runs the pure-JAX reference path"):
+        out, lse = duo_attention(q, k, v, impl=impl, **kw)
+    else:
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = duo_attention(q, k, v, impl=impl, **kw)
+    np.testing.assert_allclose(np.asarray(out), want_out, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-5, atol=1e-5)
   if hopper_device_kind() is None:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)
-      auto = duo_attention(q, k, v, impl="auto", **kw)
-    np.testing.assert_allclose(auto[0], ref[0])
-    with pytest.raises(RuntimeError, match="Hopper"):
+    with pytest.raises(RuntimeError, match="impl='pallas' needs a Hopper GPU"):
       duo_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), impl="pallas", **kw)
 
 
