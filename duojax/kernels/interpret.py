@@ -7,6 +7,11 @@ the pool has fewer threads than the computations that must run at once, a warpgr
 the queued one would arrive on, and the call never returns (seen with one CPU: the 3-warpgroup prefill
 kernel hangs; with ``PJRT_NPROC=2`` or more it finishes). The pool is sized once, when JAX's CPU backend
 starts, so the fix is an environment variable set before that; this module only warns.
+
+A second hazard: the interpreter's callbacks run JAX operations of their own. With asynchronous CPU dispatch
+(JAX's default), a caller that keeps dispatching while an interpreted kernel runs can hang: seen once in the
+test suite, with the caller's thread and a callback thread both waiting in XLA's CPU executable semaphore. The
+tests run with ``jax.config.update("jax_cpu_enable_async_dispatch", False)`` (set before the first computation).
 """
 
 from __future__ import annotations
