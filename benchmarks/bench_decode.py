@@ -119,6 +119,8 @@ def main() -> int:
   args = ap.parse_args()
   global SMOKE
   SMOKE = args.cpu_smoke
+  if SMOKE:  # the Mosaic-GPU interpreter can hang under asynchronous CPU dispatch (duojax/kernels/interpret.py)
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   os.makedirs(args.out, exist_ok=True)
 
   dev = jax.devices()[0]

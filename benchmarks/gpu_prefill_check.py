@@ -138,6 +138,8 @@ def main(argv=None):
   p.add_argument("--cases", nargs="*", default=None, help="names of cases to run (default all)")
   p.add_argument("--config", default=None, help="kernel block config for every case, e.g. 64x128x2p")
   args = p.parse_args(argv)
+  if args.impl == "interpret":  # the interpreter can hang under asynchronous CPU dispatch (kernels/interpret.py)
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   if args.config:
     from benchmarks.bench_attention import parse_config  # noqa: PLC0415
     from duojax.kernels import prefill_mgpu  # noqa: PLC0415

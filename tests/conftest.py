@@ -14,10 +14,9 @@ os.environ.setdefault("PJRT_NPROC", str(max(4, os.cpu_count() or 1)))
 
 import jax  # noqa: E402
 
-# The interpreter's host callbacks run JAX operations of their own. With asynchronous CPU dispatch, a test that
-# went on dispatching while an interpreted kernel still ran once hung: the test's thread and the kernel's callback
-# thread both waited in XLA's CPU executable semaphore. Synchronous dispatch runs one computation at a time per
-# thread, so a kernel's callbacks never wait behind the test's own work.
+# The interpreter's host callbacks run JAX operations of their own. Under asynchronous CPU dispatch an eager
+# interpreted decode called twice in a row hangs, the caller's thread and a callback thread both waiting in XLA's
+# CPU executable semaphore (a full run hung so; a loop reproduces it). With synchronous dispatch 80 calls ran.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 

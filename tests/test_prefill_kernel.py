@@ -143,7 +143,7 @@ def test_default_config_by_layer_kind():
     default_config(128, "mixed")
 
 
-def test_interpret_pool_size_warning(monkeypatch):
+def test_interpret_mode_warnings(monkeypatch):
   from duojax.kernels import interpret  # noqa: PLC0415
   monkeypatch.setenv("PJRT_NPROC", "1")
   interpret._warn_small_pool.cache_clear()
@@ -157,6 +157,13 @@ def test_interpret_pool_size_warning(monkeypatch):
   monkeypatch.delenv("PJRT_NPROC")
   monkeypatch.setenv("NPROC", "2")
   assert interpret.cpu_pool_size() == 2
+  assert jax.config.values["jax_cpu_enable_async_dispatch"] is False  # conftest
+  try:
+    jax.config.update("jax_cpu_enable_async_dispatch", True)  # the value only: the backend is already made
+    with pytest.warns(RuntimeWarning, match=r"jax_cpu_enable_async_dispatch', False"):
+      interpret.interpret_params(1)
+  finally:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
@@ -166,7 +173,8 @@ def test_interpret_kernel_on_one_cpu_with_sized_pool():
   code = textwrap.dedent("""
       import os
       os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-      import jax.numpy as jnp, numpy as np
+      import jax, jax.numpy as jnp, numpy as np
+      jax.config.update("jax_cpu_enable_async_dispatch", False)  # as conftest does
       from tests.test_prefill_kernel import _check, _inputs
       from duojax.kernels.prefill_mgpu import BlockConfig, duo_prefill_mgpu
       q, k, v = _inputs(1, 1, 200, 2, 2, 64, 0, jnp.bfloat16)

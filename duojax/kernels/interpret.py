@@ -9,9 +9,10 @@ kernel hangs; with ``PJRT_NPROC=2`` or more it finishes). The pool is sized once
 starts, so the fix is an environment variable set before that; this module only warns.
 
 A second hazard: the interpreter's callbacks run JAX operations of their own. With asynchronous CPU dispatch
-(JAX's default), a caller that keeps dispatching while an interpreted kernel runs can hang: seen once in the
-test suite, with the caller's thread and a callback thread both waiting in XLA's CPU executable semaphore. The
-tests run with ``jax.config.update("jax_cpu_enable_async_dispatch", False)`` (set before the first computation).
+(JAX's default) an eager interpreted decode called twice in a row hangs, the caller's thread and a callback
+thread both waiting in XLA's CPU executable semaphore (reproduced in a loop; waiting for the kernel's outputs
+before returning does not prevent it). With ``jax.config.update("jax_cpu_enable_async_dispatch", False)``, set
+before the first computation, 80 such calls ran; the tests run that way, and this module warns when it is on.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 import os
 import warnings
 
+import jax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # XLA's CPU client reads these, first match wins, when it creates its thread pool.
@@ -46,14 +48,25 @@ def _warn_small_pool(pool: int, needed: int) -> None:
       "(or more) in the environment before JAX starts.", RuntimeWarning, stacklevel=4)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_async_dispatch() -> None:
+  warnings.warn(
+      "duojax: Mosaic-GPU interpret mode can hang under JAX's asynchronous CPU dispatch (the interpreter's "
+      "callbacks run JAX operations of their own); call jax.config.update('jax_cpu_enable_async_dispatch', False) "
+      "before the first computation.", RuntimeWarning, stacklevel=4)
+
+
 def interpret_params(num_warpgroups: int) -> plgpu.InterpretGPUParams:
   """``InterpretGPUParams`` for a kernel with ``num_warpgroups`` warpgroups per CTA.
 
   Warns once when XLA's CPU thread pool is smaller than ``num_warpgroups + 1`` (the warpgroups plus the
-  computation that launched them), the size below which the interpreter can deadlock.
+  computation that launched them), the size below which the interpreter can deadlock, and once when JAX's
+  asynchronous CPU dispatch is on (see the module docstring).
   """
   needed = num_warpgroups + 1
   pool = cpu_pool_size()
   if num_warpgroups > 1 and pool < needed:
     _warn_small_pool(pool, needed)
+  if jax.config.values.get("jax_cpu_enable_async_dispatch", False):
+    _warn_async_dispatch()
   return plgpu.InterpretGPUParams()
