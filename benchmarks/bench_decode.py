@@ -41,6 +41,7 @@ from benchmarks.timing import chunk_samples  # noqa: E402
 from duojax.kernels import decode_mgpu, duo_decode_attention  # noqa: E402
 from duojax.kernels.decode import _fold_queries  # noqa: E402
 from duojax.kernels.decode_reference import attend, decode_streaming_visible  # noqa: E402
+from duojax.kernels.interpret import use_synchronous_cpu_dispatch  # noqa: E402
 
 
 SMOKE = False
@@ -119,8 +120,8 @@ def main() -> int:
   args = ap.parse_args()
   global SMOKE
   SMOKE = args.cpu_smoke
-  if SMOKE:  # the Mosaic-GPU interpreter can hang under asynchronous CPU dispatch (duojax/kernels/interpret.py)
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if SMOKE:
+    use_synchronous_cpu_dispatch()  # the Mosaic-GPU interpreter can hang under asynchronous CPU dispatch
   os.makedirs(args.out, exist_ok=True)
 
   dev = jax.devices()[0]

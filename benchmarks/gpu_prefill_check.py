@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from duojax.kernels.attention import duo_attention  # noqa: E402
+from duojax.kernels.interpret import use_synchronous_cpu_dispatch  # noqa: E402
 
 # (name, B, Sq, Hq, Hkv, D, nf, sink, window, q_offset, dtype)
 CASES = [
@@ -138,8 +139,8 @@ def main(argv=None):
   p.add_argument("--cases", nargs="*", default=None, help="names of cases to run (default all)")
   p.add_argument("--config", default=None, help="kernel block config for every case, e.g. 64x128x2p")
   args = p.parse_args(argv)
-  if args.impl == "interpret":  # the interpreter can hang under asynchronous CPU dispatch (kernels/interpret.py)
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if args.impl == "interpret":
+    use_synchronous_cpu_dispatch()  # the Mosaic-GPU interpreter can hang under asynchronous CPU dispatch
   if args.config:
     from benchmarks.bench_attention import parse_config  # noqa: PLC0415
     from duojax.kernels import prefill_mgpu  # noqa: PLC0415

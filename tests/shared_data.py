@@ -19,8 +19,12 @@ def in_ci() -> bool:
   return bool(os.environ.get("CI"))
 
 
+def _message(path: Path) -> str:
+  return f"{path} not present (test data from ../shared)"
+
+
 def _missing(path: Path) -> None:
-  message = f"{path} not present (test data from ../shared)"
+  message = _message(path)
   if in_ci():
     pytest.fail(f"{message}; CI must have it", pytrace=False)
   pytest.skip(message)
@@ -44,4 +48,4 @@ def optional_shared(path: Path) -> Path | None:
 
 def needs_shared(path: Path) -> pytest.MarkDecorator:
   """Skips the marked tests when ``path`` is missing, except under CI, where they run (and fail on it)."""
-  return pytest.mark.skipif(not path.exists() and not in_ci(), reason=f"{path} not present (test data from ../shared)")
+  return pytest.mark.skipif(not path.exists() and not in_ci(), reason=_message(path))

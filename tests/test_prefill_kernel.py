@@ -173,8 +173,9 @@ def test_interpret_kernel_on_one_cpu_with_sized_pool():
   code = textwrap.dedent("""
       import os
       os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-      import jax, jax.numpy as jnp, numpy as np
-      jax.config.update("jax_cpu_enable_async_dispatch", False)  # as conftest does
+      import jax.numpy as jnp, numpy as np
+      from duojax.kernels.interpret import use_synchronous_cpu_dispatch
+      use_synchronous_cpu_dispatch()  # as conftest does
       from tests.test_prefill_kernel import _check, _inputs
       from duojax.kernels.prefill_mgpu import BlockConfig, duo_prefill_mgpu
       q, k, v = _inputs(1, 1, 200, 2, 2, 64, 0, jnp.bfloat16)

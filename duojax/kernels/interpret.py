@@ -1,4 +1,4 @@
-"""Mosaic-GPU interpret mode on the CPU: its parameters, and a guard against a thread-pool deadlock.
+"""Mosaic-GPU interpret mode on the CPU: its parameters, and guards against two ways it deadlocks.
 
 The interpreter runs each warpgroup of a CTA as its own XLA CPU computation on its own Python thread, and the
 warpgroups block on each other's barriers inside host callbacks. XLA may run those computations on its CPU
@@ -12,7 +12,8 @@ A second hazard: the interpreter's callbacks run JAX operations of their own. Wi
 (JAX's default) an eager interpreted decode called twice in a row hangs, the caller's thread and a callback
 thread both waiting in XLA's CPU executable semaphore (reproduced in a loop; waiting for the kernel's outputs
 before returning does not prevent it). With ``jax.config.update("jax_cpu_enable_async_dispatch", False)``, set
-before the first computation, 80 such calls ran; the tests run that way, and this module warns when it is on.
+before the first computation (:func:`use_synchronous_cpu_dispatch`), 80 such calls ran; the tests and the CPU
+smoke modes of the benchmarks run that way, and this module warns when it is on.
 """
 
 from __future__ import annotations
@@ -48,12 +49,19 @@ def _warn_small_pool(pool: int, needed: int) -> None:
       "(or more) in the environment before JAX starts.", RuntimeWarning, stacklevel=4)
 
 
+def use_synchronous_cpu_dispatch() -> None:
+  """Turns off JAX's asynchronous CPU dispatch, under which the interpreter can hang (module docstring). Call it
+  before the first computation: the CPU backend reads the setting when it starts."""
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_async_dispatch() -> None:
   warnings.warn(
       "duojax: Mosaic-GPU interpret mode can hang under JAX's asynchronous CPU dispatch (the interpreter's "
       "callbacks run JAX operations of their own); call jax.config.update('jax_cpu_enable_async_dispatch', False) "
-      "before the first computation.", RuntimeWarning, stacklevel=4)
+      "(duojax.kernels.interpret.use_synchronous_cpu_dispatch) before the first computation.", RuntimeWarning,
+      stacklevel=4)
 
 
 def interpret_params(num_warpgroups: int) -> plgpu.InterpretGPUParams:
