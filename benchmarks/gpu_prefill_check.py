@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 
@@ -166,13 +167,19 @@ def main(argv=None):
              all_ok=all(r["ok"] for r in results), results=results)
   print("ALL OK" if doc["all_ok"] else "FAILURES", f"({sum(r['ok'] for r in results)}/{len(results)})")
   name = dev.device_kind.replace(" ", "_") if dev.platform == "gpu" else dev.platform
-  dirs = [args.out] if args.out else [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")]
-  if os.environ.get("OUT") and not args.out:
-    dirs.append(os.environ["OUT"])
+  if args.out:
+    dirs = [args.out]
+  elif dev.platform != "gpu":  # a CPU smoke run is not a result: keep it out of benchmarks/results
+    dirs = [os.environ.get("OUT") or tempfile.gettempdir()]
+  else:
+    dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")]
+    if os.environ.get("OUT"):
+      dirs.append(os.environ["OUT"])
   for d in dirs:
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, f"prefill_correctness_{name}.json"), "w") as f:
       json.dump(doc, f, indent=1)
+    print("wrote", os.path.join(d, f"prefill_correctness_{name}.json"))
   return 0 if doc["all_ok"] else 1
 
 
