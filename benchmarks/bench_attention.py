@@ -61,23 +61,34 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+_CONFIG_RE = r"(\d+)x(\d+)x(\d+)(?:-(\d+))?(?:f(\d+))?([a-z]*)"
+
+
 def parse_config(text: str):
-  """'64x128x2' -> BlockConfig(64, 128, 2); suffix letters: 'p' persistent, 'm' mbarrier ping-pong,
-  'r' no reduction scratch (reduction_scratch_bytes=0), 'u' unsafe_no_auto_barriers, 'c' mbarrier consumed-slot
-  signals (default: hardware named barriers), 'w' no window-only masks (full masks on every window-edge block), 'e' eager
-  Q prefetch (at the start of each persistent tile)."""
+  """'64x128x2' -> BlockConfig(64, 128, 2); '-192': full heads of duo layers step over 192 keys
+  (full_block_kv); 'f4': 4 streaming query heads per CTA in duo layers (stream_fold); suffix letters: 'p'
+  persistent, 'm' mbarrier ping-pong, 'r' no reduction scratch (reduction_scratch_bytes=0), 'u'
+  unsafe_no_auto_barriers, 'c' mbarrier consumed-slot signals (default: hardware named barriers), 'w' no
+  window-only masks (full masks on every window-edge block), 'e' eager Q prefetch (at the start of each
+  persistent tile). Example: '64x128x2-192f4ru'."""
+  import re  # noqa: PLC0415
   from duojax.kernels.prefill_mgpu import BlockConfig  # noqa: PLC0415
-  nums = text.rstrip("pmrucwe")
-  flags = text[len(nums):]
-  bq, bkv, st = map(int, nums.split("x"))
+  m = re.fullmatch(_CONFIG_RE, text)
+  if m is None or set(m.group(6)) - set("pmrucwe"):
+    raise ValueError(f"bad block config {text!r}; expected e.g. 64x128x2, 64x128x2-192f4ru")
+  bq, bkv, st = (int(m.group(i)) for i in (1, 2, 3))
+  flags = m.group(6)
   return BlockConfig(bq, bkv, st, persistent="p" in flags, named_barriers="m" not in flags,
                      reduction_scratch_bytes=0 if "r" in flags else None, no_auto_barriers="u" in flags,
                      named_consumed="c" not in flags, window_mask="w" not in flags,
-                     defer_q_prefetch="e" not in flags)
+                     defer_q_prefetch="e" not in flags,
+                     full_block_kv=int(m.group(4)) if m.group(4) else None,
+                     stream_fold=int(m.group(5)) if m.group(5) else 1)
 
 
 def config_name(c) -> str:
-  return (f"{c.block_q}x{c.block_kv}x{c.stages}" + ("p" if c.persistent else "")
+  return (f"{c.block_q}x{c.block_kv}x{c.stages}" + (f"-{c.full_block_kv}" if c.full_block_kv else "")
+          + (f"f{c.stream_fold}" if c.stream_fold > 1 else "") + ("p" if c.persistent else "")
           + ("" if c.named_barriers else "m") + ("r" if c.reduction_scratch_bytes == 0 else "")
           + ("u" if c.no_auto_barriers else "") + ("" if c.named_consumed else "c")
           + ("" if c.window_mask else "w") + ("" if c.defer_q_prefetch else "e"))

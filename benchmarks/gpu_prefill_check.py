@@ -149,7 +149,7 @@ def main(argv=None):
     orig = prefill_mgpu.default_config
     # The block sizes apply to head_dim 128; other head dims keep their block sizes and take the flags.
     prefill_mgpu.default_config = lambda hd, heads="duo": cfg if hd == 128 else dataclasses.replace(
-        cfg, block_q=orig(hd, heads).block_q, block_kv=orig(hd, heads).block_kv, stages=orig(hd, heads).stages)
+        cfg, **{f: getattr(orig(hd, heads), f) for f in ("block_q", "block_kv", "stages", "full_block_kv")})
   cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and (args.cases is None or c[0] in args.cases)]
   results = []
   for i, case in enumerate(cases):

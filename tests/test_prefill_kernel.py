@@ -57,8 +57,16 @@ CASES = [
     (1, 130, 3, 1, 64, 0, 4, 1, 70, jnp.bfloat16, BlockConfig(64, 64, 3, persistent=True)),
     # all retrieval heads with q_offset, GQA 2
     (1, 260, 4, 2, 64, 2, 4, 20, 64, jnp.bfloat16, BlockConfig(64, 64, 2)),
-    # sink spanning a partial block and overlapping the window; block_kv 128; persistent
-    (1, 300, 4, 2, 64, 1, 100, 40, 129, jnp.bfloat16, BlockConfig(64, 128, 2, persistent=True)),
+    # sink spanning a partial block and overlapping the window; block_kv 128; all streaming, persistent
+    (1, 300, 4, 2, 64, 0, 100, 40, 129, jnp.bfloat16, BlockConfig(64, 128, 2, persistent=True)),
+    # duo layer: full heads over 128-key steps, streaming heads over 64-key steps in the first rows of the
+    # same slots, two streaming query heads per CTA (looped tiles)
+    (1, 300, 4, 2, 64, 1, 100, 40, 129, jnp.bfloat16, BlockConfig(64, 64, 2, full_block_kv=128, stream_fold=2)),
+    # duo layer at head_dim 128 with the D=128 duo blocks: 192-key full steps, 128-key streaming steps, three
+    # streaming query heads per CTA (two CTAs per query tile), GQA 2
+    (1, 270, 8, 4, 128, 1, 4, 100, 50, jnp.bfloat16,
+     BlockConfig(64, 128, 2, full_block_kv=192, stream_fold=3, reduction_scratch_bytes=0,
+                 no_auto_barriers=True)),
     # head_dim 128 and 256
     (1, 150, 2, 1, 128, 0, 4, 40, 33, jnp.bfloat16, BlockConfig(64, 128, 2)),
     (1, 129, 2, 2, 256, 1, 4, 20, 0, jnp.float16, BlockConfig(64, 64, 2)),
@@ -69,7 +77,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}S{c[1]}Hq{c[2]}Hkv{c[3]}D{c[4]}nf{c[5]}"
-                         f"s{c[6]}w{c[7]}o{c[8]}{jnp.dtype(c[9]).name}{'p' if c[10].persistent else ''}")
+                         f"s{c[6]}w{c[7]}o{c[8]}{jnp.dtype(c[9]).name}{'p' if c[10].persistent else ''}"
+                         f"{f'f{c[10].full_block_kv}' if c[10].full_block_kv else ''}"
+                         f"{f'x{c[10].stream_fold}' if c[10].stream_fold > 1 else ''}")
 def test_interpret_kernel_vs_reference(case):
   B, Sq, Hq, Hkv, D, nf, sink, window, q_offset, dtype, cfg = case
   q, k, v = _inputs(CASES.index(case), B, Sq, Hq, Hkv, D, q_offset, dtype)  # a fixed seed per case
@@ -135,7 +145,7 @@ def test_default_config_by_layer_kind():
   from duojax.kernels.prefill_mgpu import default_config  # noqa: PLC0415
   full, duo, stream = (default_config(128, h) for h in ("full", "duo", "streaming"))
   assert (full.block_kv, full.reduction_scratch_bytes, full.no_auto_barriers, full.persistent) == (192, 0, True, False)
-  assert (duo.block_kv, duo.persistent) == (128, False)
+  assert (duo.block_kv, duo.full_block_kv, duo.stream_fold, duo.persistent) == (128, 192, 4, False)
   assert (stream.block_kv, stream.persistent, stream.named_consumed) == (128, True, False)
   assert default_config(64, "full").block_kv == default_config(64, "duo").block_kv == 128
   assert default_config(256, "full").block_kv == 64
@@ -189,6 +199,35 @@ def test_interpret_kernel_on_one_cpu_with_sized_pool():
   proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ["ok", "1"]
+
+
+@pytest.mark.parametrize("D, Hq, Hkv, nf", [(128, 8, 4, 4), (128, 8, 4, 1), (128, 8, 4, 0), (64, 6, 2, 1),
+                                          (256, 4, 2, 1)], ids=["d128_full", "d128_duo", "d128_streaming",
+                                                                "d64_duo", "d256_duo"])
+def test_gpu_kernel_lowers_for_cuda_without_a_gpu(D, Hq, Hkv, nf):
+  """The GPU path (not the interpreter) lowers to a Mosaic-GPU custom call for CUDA on a CPU-only machine
+  (``jax.export`` for another platform), with each layer kind's default blocks: lowering errors that the
+  interpreter cannot see (e.g. a static index inside ``run_state``) fail here in CI instead of on the GPU."""
+  from jax import export  # noqa: PLC0415
+  q = jax.ShapeDtypeStruct((1, 200, Hq, D), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 200 + 24, Hkv, D), jnp.bfloat16)
+  fn = jax.jit(lambda q, k, v: duo_prefill_mgpu(q, k, v, num_full_kv_heads=nf, sink=4, window=64, q_offset=24))
+  exported = export.export(fn, platforms=["cuda"])(q, k, k)
+  assert exported.platforms == ("cuda",)
+  assert exported.mlir_module().count("mosaic_gpu") >= 1
+
+
+def test_block_config_checks():
+  with pytest.raises(ValueError, match="full_block_kv must be >= block_kv"):
+    BlockConfig(64, 128, 2, full_block_kv=64)
+  with pytest.raises(ValueError, match="stream_fold must be >= 1"):
+    BlockConfig(64, 128, 2, stream_fold=0)
+  with pytest.raises(ValueError, match="multiples of 64"):
+    BlockConfig(64, 128, 2, full_block_kv=160)
+  q, k, v = _inputs(0, 1, 64, 4, 2, 64, 0, jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"persistent grid serves layers of one head kind .* 1 of 2 full KV heads"):
+    duo_prefill_mgpu(q, k, v, num_full_kv_heads=1, sink=2, window=4, interpret=True,
+                     config=BlockConfig(64, 64, 2, persistent=True))
 
 
 def test_bad_shapes_and_dtypes():

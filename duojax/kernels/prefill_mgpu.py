@@ -25,21 +25,26 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   (diagonal blocks) and skipped (steps that only the other warpgroup needs: it still waits on the slot's
   barriers so the barrier parities stay in step, and arrives on the consumed barriers). Masks compare a column
   iota with per-row thresholds (1-4 compares and a select per score).
-* Scheduling: one CTA per tile on a ``(Hq, B, q_tiles)`` grid, heads fastest. The query heads of one GQA group
-  are adjacent, so CTAs that read the same K/V tiles run at the same time and share them through L2 (GQA
-  groups are not folded into one CTA). Query tiles run in reverse order (largest causal tiles first) so the
-  light tiles fill the tail; full and streaming heads are interleaved inside every wave, so a 25%-retrieval
-  layer costs ~ its share of the work (0.33x of all-full with the same 128-key steps at 16k). When every head
-  is streaming (``nf == 0``) the default is a persistent grid (one CTA per SM, static round-robin over the same
-  tile order): tiles are only ~(sink + window) / block_kv steps long, and the K/V ring, the next tile's Q load
-  (double buffered Q, issued after the tile's sink steps) and the previous tile's output store then overlap
-  across tiles (16k: 0.28 ms vs 0.34 ms).
+* Scheduling: a ``(heads, B, q_tiles)`` grid, heads fastest. The query heads of one GQA group are adjacent, so
+  CTAs that read the same K/V tiles run at the same time and share them through L2 (GQA groups are not folded
+  into one CTA). Query tiles run in reverse order (largest causal tiles first) so the light tiles fill the
+  tail. Each kind of CTA compiles its own code (``_Plan``; the head kind is a Python bool, so a full head's
+  CTA has no sink or window segments): in a duo layer the first ``nf * G`` CTAs of a row are full heads, one
+  tile each; the rest are streaming CTAs that each run ``stream_fold`` streaming query heads of the same
+  query tile back to back, the K/V ring running on across them (short streaming tiles then share one CTA's
+  start-up and drain). Full and streaming CTAs are interleaved in every wave, so a 25%-retrieval layer costs
+  about its share of the work. At head_dim 128, duo layers step over 192 keys on full heads and 128 on
+  streaming heads (``full_block_kv``; streaming steps use the first 128 rows of the 192-row K/V slots).
+  When every head is streaming (``nf == 0``) the default is a persistent grid (one CTA per SM, static
+  round-robin over the same tile order): the K/V ring, the next tile's Q load (double buffered Q, issued
+  after the tile's sink steps) and the previous tile's output store overlap across tiles (16k: 0.28 ms vs
+  0.34 ms).
 * Any length: the last query tile and key block reach past the arrays' ends; the TMA loads read zeros there
   and the TMA stores drop the rows past the end (lengths are only rounded up to a multiple of 8, the TMA
   tiling, so 16k or 1000 tokens are never copied). Keys past ``Sk - 1`` lie after every real query, so the
   causal rule masks them. The interpreter pads q to whole tiles and k/v to whole blocks instead.
 * Blocks (``default_config``): 64 query rows per warpgroup; 128 keys per step (64 at head_dim 256), or 192 for
-  all-full layers at head_dim 128 (fewer, wider steps amortize the per-step barriers and row reductions).
+  full heads at head_dim 128 (fewer, wider steps amortize the per-step barriers and row reductions).
 
 ``interpret=True`` runs the same kernel through Mosaic-GPU's CPU interpreter (for CI). It cannot run wgmma with
 a register operand or ``run_state`` accumulators, so only those two pieces switch: P is staged through SMEM and
@@ -90,10 +95,20 @@ class BlockConfig:
   # Persistent grid with double-buffered Q: wait for the previous tile's stores and prefetch the next tile's Q
   # after this tile's sink steps instead of before its first step.
   defer_q_prefetch: bool = True
+  # Duo layers: the full heads' step width (None: block_kv; the streaming heads step over block_kv keys, in
+  # the first block_kv rows of the full_block_kv-row K/V slots).
+  full_block_kv: int | None = None
+  # Duo layers: streaming query heads per CTA, run back to back (the K/V ring and the Q loads run on across
+  # them, as in the persistent grid); 1: one tile per CTA.
+  stream_fold: int = 1
 
   def __post_init__(self):
-    if self.block_q % 64 or self.block_kv % 64:
+    if self.block_q % 64 or self.block_kv % 64 or (self.full_block_kv or 64) % 64:
       raise ValueError(f"block sizes must be multiples of 64; got {self}")
+    if self.full_block_kv is not None and self.full_block_kv < self.block_kv:
+      raise ValueError(f"full_block_kv must be >= block_kv; got {self}")
+    if self.stream_fold < 1:
+      raise ValueError(f"stream_fold must be >= 1; got {self}")
     if self.stages < 2:
       raise ValueError(f"stages must be >= 2; got {self}")
 
@@ -105,9 +120,10 @@ def default_config(head_dim: int, heads: str = "duo") -> BlockConfig:
   * "full" at head_dim 128 steps over 192 keys; the SMEM then needs ``reduction_scratch_bytes=0`` (the row
     reductions stay inside warps) and the kernel runs without automatic warpgroup barriers. H200, same run:
     16k 3.54 vs 3.79 ms and 64k 54.7 vs 58.9 ms against 128-key steps.
-  * "duo" keeps 128-key steps: streaming heads would visit 50% more keys per row at 192, and one launch with
-    192-key full-head steps and 128-key streaming steps measured no faster than 128 throughout (16k 1.19-1.25
-    vs 1.18-1.23 ms).
+  * "duo" at head_dim 128: full heads over 192 keys, streaming heads over 128 (at 192 they would visit 50% more
+    keys per row), 4 streaming query heads per CTA. H200, same run: 16k 1.158 vs 1.205 ms and 64k 15.37 vs
+    16.70 ms against 128-key steps everywhere with one tile per CTA (192-key full steps alone: 1.211 / 15.78;
+    the fold alone: 1.200 / 16.72).
   * "streaming" runs a persistent grid (tiles are ~(sink + window) / block_kv steps long, so per-tile latency
     dominates) with mbarrier consumed signals (16k: 0.302 vs 0.308 and 0.309 vs 0.323 ms for named barriers).
   """
@@ -119,6 +135,9 @@ def default_config(head_dim: int, heads: str = "duo") -> BlockConfig:
     cfg = BlockConfig(64, 128, 2)
     if heads == "full":
       cfg = BlockConfig(64, 192, 2, reduction_scratch_bytes=0, no_auto_barriers=True)
+    elif heads == "duo":
+      cfg = BlockConfig(64, 128, 2, full_block_kv=192, stream_fold=4, reduction_scratch_bytes=0,
+                        no_auto_barriers=True)
   else:
     cfg = BlockConfig(64, 64, 2)
   if heads == "streaming":
@@ -158,6 +177,19 @@ def _round_up(a: int, b: int) -> int:
   return _cdiv(a, b) * b
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How one kind of CTA runs: its heads' kind (a Python bool, so each kind compiles only its own segments), its
+  step width, and its tiles: ``n_my`` tiles given by ``tile(j) -> (q_head, batch, q_tile)``. ``looped`` CTAs
+  run their tiles back to back (the K/V ring and the Q prefetch run on across tiles); the others run one tile
+  with static step counters."""
+  full: bool
+  bkv: int
+  n_my: object
+  tile: object
+  looped: bool
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("num_full_kv_heads", "sink", "window", "q_offset", "sm_scale", "config", "interpret",
@@ -177,14 +209,15 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   G = Hq // Hkv
   dtype = q.dtype
   nf = num_full_kv_heads
-  if config is None:
-    # All-streaming layers: every tile is short (~(sink + window) / block_kv steps), so per-tile launch and
-    # epilogue latency dominate; a persistent grid overlaps them with the next tile's loads. With full
-    # heads present, the hardware's dynamic CTA scheduling balances the uneven causal tiles better.
-    cfg = default_config(D, "streaming" if nf == 0 else "full" if nf == Hkv else "duo")
-  else:
-    cfg = config
-  bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+  kinds = "streaming" if nf == 0 else "full" if nf == Hkv else "duo"
+  cfg = default_config(D, kinds) if config is None else config
+  if cfg.persistent and kinds == "duo":
+    raise ValueError("a persistent grid serves layers of one head kind (num_full_kv_heads 0 or all); duo layers "
+                     f"fold streaming heads with stream_fold instead; got {cfg} with {nf} of {Hkv} full KV heads")
+  bq, stages = cfg.block_q, cfg.stages
+  bkv_stream = cfg.block_kv
+  bkv_full = cfg.full_block_kv or cfg.block_kv
+  bkv_max = max(bkv_full if nf > 0 else 0, bkv_stream if nf < Hkv else 0)
   scale = (1.0 / math.sqrt(D)) if sm_scale is None else float(sm_scale)
   c2 = scale * _LOG2E  # scores -> base-2 logits in one multiply (fused into the exp2 argument's FMA)
 
@@ -193,15 +226,12 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   # GPU the TMA loads past the end read zeros and the TMA stores past it are dropped, so lengths are only
   # rounded up to the 8-row TMA tiling (no copy at all when they are multiples of 8).
   sq_in = sq_pad if interpret else _round_up(Sq, 8)
-  sk_pad = _round_up(Sk, bkv if interpret else 8)
+  sk_pad = _round_up(Sk, math.lcm(bkv_full, bkv_stream) if interpret else 8)
   if sq_in != Sq:
     q = jnp.pad(q, ((0, 0), (0, sq_in - Sq), (0, 0), (0, 0)))
   if sk_pad != Sk:
     k = jnp.pad(k, ((0, 0), (0, sk_pad - Sk), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, sk_pad - Sk), (0, 0), (0, 0)))
-  nkb = _cdiv(sk_pad, bkv)  # key blocks
-  ns = _cdiv(sink, bkv)     # blocks holding sink keys
-  nsf = sink // bkv         # blocks made only of sink keys
   n_qt = sq_pad // (2 * bq)
   named = cfg.named_barriers and not interpret
   named_cons = cfg.named_consumed and not interpret and stages <= 3
@@ -209,60 +239,57 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   def i32(x):
     return jnp.asarray(x, jnp.int32)
 
-  def schedule(q_head, qi):
-    """The CTA's KV step schedule, shared by the producer and the consumers (traced int32 scalars; ``full``
-    is a Python bool when the layer has one kind of head)."""
-    kv_head = lax.div(q_head, i32(G))
-    full = True if nf == Hkv else False if nf == 0 else kv_head < nf
-    p0 = i32(q_offset) + qi * (2 * bq)            # position of the CTA's first query row
-    p1 = p0 + (2 * bq - 1)
-    hi_cta = lax.min(lax.div(p1, i32(bkv)) + 1, i32(nkb))
-    lo_w = lax.div(lax.max(p0 - (window - 1), i32(0)), i32(bkv))
-    lo_cta = jnp.where(full, i32(0), lo_w)
-    s_cta = jnp.where(full, i32(0), lax.min(i32(ns), lo_w))
-    n_cta = s_cta + hi_cta - lo_cta
-    return dict(kv_head=kv_head, full=full, p0=p0, hi_cta=hi_cta, lo_cta=lo_cta, s_cta=s_cta, n_cta=n_cta)
-
-  def block_of(t, sch):
-    return jnp.where(t < sch["s_cta"], t, t - sch["s_cta"] + sch["lo_cta"])
-
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
 
-  # Tiles in launch order: heads fastest (a GQA group's query heads are neighbours and share K/V through L2),
-  # then batch, then query tiles from the last (largest causal) to the first.
+  # Grids. Tiles go in launch order heads fastest (a GQA group's query heads are neighbours and share K/V
+  # through L2), then batch, then query tiles from the last (largest causal) to the first.
+  nfq = nf * G                                   # full query heads come first
+  fold = max(1, min(cfg.stream_fold, Hq - nfq))  # streaming query heads per CTA of a duo layer
   n_tiles = Hq * B * n_qt
   if cfg.persistent:
     n_ctas = min(n_tiles, num_ctas or _num_sms())
+    grid, grid_names = (n_ctas,), ("cta",)
   else:
-    n_ctas = n_tiles
+    n_x = nfq + _cdiv(Hq - nfq, fold)
+    grid, grid_names = (n_x, B, n_qt), ("heads", "batch", "q_seq")
+  looped_stream = cfg.persistent or (kinds != "full" and fold > 1)
   elem = jnp.dtype(dtype).itemsize
-  kv_bytes = 2 * stages * bkv * D * elem
-  q_bufs = 2 if (cfg.persistent and kv_bytes + 4 * bq * D * elem + 2048 <= 227 * 1024) else 1
+  kv_bytes = 2 * stages * bkv_max * D * elem
+  # Looped streaming CTAs double-buffer Q (the next tile's Q loads while this tile runs) when SMEM has room.
+  # (Two Q buffers in the ring rows that 128-key streaming steps leave free in 192-row slots measured slower:
+  # the duo mix at 16k took 1.20 vs 1.16 ms, ptxas spilled 132 vs 68 bytes.)
+  q_bufs = 2 if (looped_stream and kv_bytes + 4 * bq * D * elem + 2048 <= 227 * 1024) else 1
 
-  def decode_tile(w):
-    h = lax.rem(w, i32(Hq))
-    r = lax.div(w, i32(Hq))
-    b = lax.rem(r, i32(B))
-    qi = (n_qt - 1) - lax.div(r, i32(B))
-    return h, b, qi
-
-  def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem3, k_smem, v_smem, lse_smem2, p_smem2,
-           k_bar, v_bar, q_bar, k_cons, v_cons, sched_bar):
+  def plans():
+    """The CTA kinds of this launch: ``[(condition or None, _Plan)]``."""
     if cfg.persistent:
       cta = lax.axis_index("cta")
-    wg = lax.axis_index("wg")
-    if cfg.persistent:
-      n_my = lax.div(i32(n_tiles - 1) - cta, i32(n_ctas)) + 1  # tiles this CTA runs: cta, cta + n_ctas, ...
 
-      def tile(j):  # j: local tile index
-        return decode_tile(cta + j * n_ctas)
-    else:
-      # One tile per CTA on a 3-D grid (heads fastest, then batch, then query tiles; the same order as
-      # decode_tile). Measured: the 1-D grid + decode ran the full-head loop ~7% slower at 64k on an H200.
       def tile(j):
-        del j
-        return (lax.axis_index("heads"), lax.axis_index("batch"), (n_qt - 1) - lax.axis_index("q_seq"))
+        w = cta + j * n_ctas
+        h = lax.rem(w, i32(Hq))
+        r = lax.div(w, i32(Hq))
+        return h, lax.rem(r, i32(B)), (n_qt - 1) - lax.div(r, i32(B))
+
+      n_my = lax.div(i32(n_tiles - 1) - cta, i32(n_ctas)) + 1  # tiles cta, cta + n_ctas, ...
+      return [(None, _Plan(nf == Hkv, bkv_full if nf == Hkv else bkv_stream, n_my, tile, True))]
+    x, b, qi = lax.axis_index("heads"), lax.axis_index("batch"), (n_qt - 1) - lax.axis_index("q_seq")
+    full_plan = _Plan(True, bkv_full, 1, lambda j: (x, b, qi), False)
+    if fold == 1:
+      stream_plan = _Plan(False, bkv_stream, 1, lambda j: (x, b, qi), False)
+    else:
+      h0 = nfq + (x - nfq) * fold
+      stream_plan = _Plan(False, bkv_stream, lax.min(i32(fold), Hq - h0), lambda j: (h0 + j, b, qi), True)
+    if kinds == "full":
+      return [(None, full_plan)]
+    if kinds == "streaming":
+      return [(None, stream_plan)]
+    return [(x < nfq, full_plan), (x >= nfq, stream_plan)]
+
+  def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem3, kv_smem, lse_smem2, p_smem_stream,
+           p_smem_full, k_bar, v_bar, q_bar, k_cons, v_cons, sched_bar):
+    wg = lax.axis_index("wg")
 
     def sched_sync():
       plgpu.barrier_arrive(sched_bar)
@@ -288,295 +315,335 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
     # The ping-pong between the compute warpgroups (FA3): a warpgroup issues its QK wgmma, lets the other one
     # go (after_qk), runs its softmax and waits for its turn before PV (before_pv). With named barriers (GPU):
     # warpgroup w arrives on the other's hardware barrier and syncs on its own; with the mbarrier (interpreter
-    # too) both rendezvous twice per step. Each step, computed or skipped, does exactly one of each.
+    # too) both rendezvous. Per tile of n steps: warpgroup 1 first waits for warpgroup 0's first QK (start),
+    # then each step does one after_qk and one before_pv, except that warpgroup 1 does not wait before its
+    # last PV. So every barrier sees its arrivals and syncs alternate: warpgroup 0 never arrives twice on
+    # warpgroup 1's barrier before warpgroup 1 syncs (a hardware named barrier would then complete without
+    # warpgroup 1, and the next tile of a looped CTA would hang; it did, before, with an extra arrive at the
+    # end of each tile).
     if named:
       def sched_after_qk():
         _named_barrier("arrive", _SCHED_BAR + 1 - wg)
 
-      def sched_before_pv(slot):
+      def sched_before_pv(slot, last):
         plgpu.barrier_wait(v_bar.at[slot])
-        _named_barrier("sync", _SCHED_BAR + wg)
+        pl.when((wg == 0) | ~last)(lambda: _named_barrier("sync", _SCHED_BAR + wg))
 
       def sched_start():
         pl.when(wg == 1)(lambda: _named_barrier("sync", _SCHED_BAR + 1))
-
-      def sched_end():
-        pl.when(wg == 0)(lambda: _named_barrier("arrive", _SCHED_BAR + 1))
     else:
       sched_after_qk = sched_sync
 
-      def sched_before_pv(slot):
-        plgpu.barrier_arrive(sched_bar)
+      def sched_before_pv(slot, last):
+        go = (wg == 0) | ~last
+        pl.when(go)(lambda: plgpu.barrier_arrive(sched_bar))
         plgpu.barrier_wait(v_bar.at[slot])
-        plgpu.barrier_wait(sched_bar)
+        pl.when(go)(lambda: plgpu.barrier_wait(sched_bar))
 
       def sched_start():
         pl.when(wg == 1)(sched_sync)
 
-      def sched_end():
-        pl.when(wg == 0)(sched_sync)
+    def run(plan: _Plan):
+      full, bkv, tile = plan.full, plan.bkv, plan.tile
+      nkb = _cdiv(sk_pad, bkv)  # key blocks
+      ns = _cdiv(sink, bkv)     # blocks holding sink keys
+      nsf = sink // bkv         # blocks made only of sink keys
+      # K/V slots: the first bkv rows of the ring's bkv_max-row slots (K slot s at s, V slot s at stages + s).
+      def kv_slot(i):
+        return kv_smem.at[i] if bkv == bkv_max else kv_smem.at[i, pl.ds(0, bkv)]
 
-    @pl.when(wg < 2)
-    def _compute():
-      if not interpret:
-        plgpu.set_max_registers(232, action="increase")
-      lse_smem = lse_smem2.at[wg]
+      k_slot = kv_slot
+      v_slot = lambda slot: kv_slot(stages + slot)
 
-      def issue_q(j, buf):
-        h, b, qi = tile(j)
-        row0 = qi * (2 * bq) + wg * bq
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem3.at[buf, wg],
-                                q_bar.at[buf * 2 + wg])
+      def schedule(q_head, qi):
+        """The CTA's KV step schedule, shared by the producer and the consumers (traced int32 scalars)."""
+        p0 = i32(q_offset) + qi * (2 * bq)            # position of the CTA's first query row
+        p1 = p0 + (2 * bq - 1)
+        hi_cta = lax.min(lax.div(p1, i32(bkv)) + 1, i32(nkb))
+        if full:  # blocks [0, diagonal]
+          lo_cta = s_cta = i32(0)
+        else:     # the sink blocks, then [the window's first block, diagonal]
+          lo_cta = lax.div(lax.max(p0 - (window - 1), i32(0)), i32(bkv))
+          s_cta = lax.min(i32(ns), lo_cta)
+        return dict(kv_head=lax.div(q_head, i32(G)), hi_cta=hi_cta, lo_cta=lo_cta, s_cta=s_cta,
+                    n_cta=s_cta + hi_cta - lo_cta)
 
-      if q_bufs == 2:
-        issue_q(i32(0), 0)
+      def block_of(t, sch):
+        return t if full else jnp.where(t < sch["s_cta"], t, t - sch["s_cta"] + sch["lo_cta"])
 
-      def tile_body(j, g0):
-        q_head, b, qi = tile(j)
-        sch = schedule(q_head, qi)
-        n_cta = sch["n_cta"]
-        buf = 0 if q_bufs == 1 else lax.rem(j, i32(q_bufs))
-        qo_smem = q_smem3.at[buf, wg]
+      @pl.when(wg < 2)
+      def _compute():
+        if not interpret:
+          plgpu.set_max_registers(232, action="increase")
+        lse_smem = lse_smem2.at[wg]
+        n_qbuf = 2 if (plan.looped and q_bufs == 2) else 1
 
-        def prefetch_next_q():
-          # The previous tile's output (in the other Q buffer) and lse stores must have left SMEM first.
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        def q_buffer(buf):  # this warpgroup's Q (and output staging) buffer
+          return q_smem3.at[buf, wg]
 
-          @pl.when(j + 1 < n_my)
+        def issue_q(j, buf):
+          h, b, qi = tile(j)
+          row0 = qi * (2 * bq) + wg * bq
+          plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_buffer(buf), q_bar.at[buf * 2 + wg])
+
+        if n_qbuf == 2:
+          issue_q(i32(0), 0)
+
+        def tile_body(j, g0):
+          q_head, b, qi = tile(j)
+          sch = schedule(q_head, qi)
+          n_cta = sch["n_cta"]
+          buf = lax.rem(j, i32(2)) if n_qbuf == 2 else 0
+          qo_smem = q_buffer(buf)
+
+          def prefetch_next_q():
+            # The previous tile's output (in the other Q buffer) and lse stores must have left SMEM first.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            @pl.when(j + 1 < plan.n_my)
+            def _():
+              issue_q(j + 1, 1 - buf)
+
+          if n_qbuf == 1:
+            if plan.looped:
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            issue_q(j, 0)
+          elif not cfg.defer_q_prefetch:
+            prefetch_next_q()
+
+          def slot_of(t):
+            return lax.rem(t if isinstance(g0, int) else g0 + t, i32(stages))
+
+          def wait_next_k(t):
+            @pl.when(t + 1 < n_cta)
+            def _():
+              plgpu.barrier_wait(k_bar.at[slot_of(t + 1)])
+
+          row0 = qi * (2 * bq) + wg * bq            # first row of this warpgroup (padded q index)
+          a = i32(q_offset) + row0                  # its position
+          bpos = a + (bq - 1)
+          lo_cta, s_cta = sch["lo_cta"], sch["s_cta"]
+          to_step = lambda blk: blk - lo_cta + s_cta
+
+          plgpu.barrier_wait(q_bar.at[buf * 2 + wg])
+
+          # Segment bounds (block indices), see the module docstring.
+          hi_wg = lax.min(lax.div(bpos, i32(bkv)) + 1, i32(nkb))
+          if full:
+            m0 = i32(0)
+          else:
+            lo_w_wg = lax.div(lax.max(a - (window - 1), i32(0)), i32(bkv))
+            lo_need = lax.min(jnp.where(i32(ns) > lo_cta, lo_cta, lo_w_wg), hi_wg)
+            mlo = lax.div(lax.max(bpos - window, i32(-1)) + bkv, i32(bkv))
+            m0 = lax.min(lax.max(mlo, lo_need), hi_wg)
+          m1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), m0), hi_wg)
+          window_eff = _FULL_WINDOW if full else window
+
+          m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+          l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+          acc = plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+          @pl.when(n_cta > 0)
           def _():
-            issue_q(j + 1, 1 - buf)
+            plgpu.barrier_wait(k_bar.at[slot_of(0)])
 
-        if q_bufs == 1:
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          issue_q(j, 0)
-        elif not cfg.defer_q_prefetch:
-          prefetch_next_q()
+          sched_start()
 
-        def slot_of(t):
-          return lax.rem(t if isinstance(g0, int) else g0 + t, i32(stages))
-
-        def wait_next_k(t):
-          @pl.when(t + 1 < n_cta)
-          def _():
-            plgpu.barrier_wait(k_bar.at[slot_of(t + 1)])
-
-        row0 = qi * (2 * bq) + wg * bq            # first row of this warpgroup (padded q index)
-        a = i32(q_offset) + row0                  # its position
-        bpos = a + (bq - 1)
-        lo_cta, s_cta = sch["lo_cta"], sch["s_cta"]
-        to_step = lambda blk: blk - lo_cta + s_cta
-
-        plgpu.barrier_wait(q_bar.at[buf * 2 + wg])
-
-        full = sch["full"]  # a Python bool when the layer has one kind of head
-        # Segment bounds (block indices), see the module docstring.
-        hi_wg = lax.min(lax.div(bpos, i32(bkv)) + 1, i32(nkb))
-        lo_w_wg = jnp.where(full, i32(0), lax.div(lax.max(a - (window - 1), i32(0)), i32(bkv)))
-        lo_need = jnp.where(i32(ns) > lo_cta, lo_cta, lo_w_wg)
-        lo_need = lax.min(lo_need, hi_wg)
-        mlo = jnp.where(full, i32(0), lax.div(lax.max(bpos - window, i32(-1)) + bkv, i32(bkv)))
-        m0 = lax.min(lax.max(mlo, lo_need), hi_wg)
-        m1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), m0), hi_wg)
-        seg_sink_nomask = lax.min(s_cta, i32(nsf))
-        window_eff = jnp.where(full, i32(_FULL_WINDOW), i32(window))
-
-        m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-        @pl.when(n_cta > 0)
-        def _():
-          plgpu.barrier_wait(k_bar.at[slot_of(0)])
-
-        sched_start()
-
-        def skip_step(t, carry):
-          slot = slot_of(t)
-          release_k(slot)
-          sched_after_qk()
-          sched_before_pv(slot)
-          wait_next_k(t)
-          release_v(slot)
-          return carry
-
-        def compute_step(t, carry, mask: str | None):
-          acc, m_i, l_i = carry
-          slot = slot_of(t)
-          bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
-
-          def compute_qk(acc_ref):
-            plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].T)
+          def skip_step(t, carry):
+            slot = slot_of(t)
+            release_k(slot)
             sched_after_qk()
-            return acc_ref[...]
+            sched_before_pv(slot, t + 1 == n_cta)
+            wait_next_k(t)
+            release_v(slot)
+            return carry
 
-          s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
-          release_k(slot)
-          if mask is not None:
-            # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
-            # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
-            k0 = block_of(t, sch) * bkv
-            rowi = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
-            last = rowi + (a - k0)
-            cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-            if mask == "window":  # no sink key in the block and every key <= the warpgroup's first row
-              vis = cols > bcast(last - window_eff, s.shape)
-            else:
-              vis = cols <= bcast(last, s.shape)
-            if mask == "full":
-              vis = vis & ((cols < sink - k0) | (cols > bcast(last - window_eff, s.shape)))
-            s = jnp.where(vis, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-          else:
-            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-            m_use = m_new
-          alpha = jnp.exp2(m_i - m_use)
-          p = jnp.exp2(s * c2 - bcast(m_use, s.shape))
-          acc = acc * bcast(alpha, acc.shape)
-          l_i = l_i * alpha
-          p16 = p.astype(dtype)
-          if D <= 128:
-            l_i = l_i + p.sum(axis=1)
-            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-            sched_before_pv(slot)
-          else:
-            sched_before_pv(slot)
-            l_i = l_i + p.sum(axis=1)
+          def compute_step(t, carry, mask: str | None):
+            acc, m_i, l_i = carry
+            slot = slot_of(t)
+            bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
 
-          if interpret:
-            p_smem = p_smem2.at[wg]
-            p_smem[...] = p16
-            plgpu.commit_smem()
-
-            def compute_pv(acc_ref):
-              plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-              wait_next_k(t)
+            def compute_qk(acc_ref):
+              plgpu.wgmma(acc_ref, qo_smem, k_slot(slot).T)
+              sched_after_qk()
               return acc_ref[...]
 
-            acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((bq, D), jnp.float32))
+            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+            release_k(slot)
+            if mask is not None:
+              # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
+              # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
+              k0 = block_of(t, sch) * bkv
+              rowi = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+              last = rowi + (a - k0)
+              cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+              if mask == "window":  # no sink key in the block and every key <= the warpgroup's first row
+                vis = cols > bcast(last - window_eff, s.shape)
+              else:
+                vis = cols <= bcast(last, s.shape)
+              if mask == "full":
+                vis = vis & ((cols < sink - k0) | (cols > bcast(last - window_eff, s.shape)))
+              s = jnp.where(vis, s, -jnp.inf)
+              m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+              m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            else:
+              m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+              m_use = m_new
+            alpha = jnp.exp2(m_i - m_use)
+            p = jnp.exp2(s * c2 - bcast(m_use, s.shape))
+            acc = acc * bcast(alpha, acc.shape)
+            l_i = l_i * alpha
+            p16 = p.astype(dtype)
+            if D <= 128:
+              l_i = l_i + p.sum(axis=1)
+              acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+              sched_before_pv(slot, t + 1 == n_cta)
+            else:
+              sched_before_pv(slot, t + 1 == n_cta)
+              l_i = l_i + p.sum(axis=1)
+
+            if interpret:
+              p_smem = (p_smem_full if full else p_smem_stream).at[wg]
+              p_smem[...] = p16
+              plgpu.commit_smem()
+
+              def compute_pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem, v_slot(slot))
+                wait_next_k(t)
+                return acc_ref[...]
+
+              acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((bq, D), jnp.float32))
+            else:
+              def compute_pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_slot(slot))
+                wait_next_k(t)
+
+              acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+            release_v(slot)
+            return acc, m_new, l_i
+
+          nomask_step = functools.partial(compute_step, mask=None)
+          mask_step = functools.partial(compute_step, mask="full")        # causal & (sink | window)
+          causal_step = functools.partial(compute_step, mask="causal")    # blocks past the window's left edge
+
+          def sink_and_window_edge(carry):
+            """A streaming head's first segments: the sink blocks, the skipped gap and the masked window edge."""
+            # Sink part: whole sink blocks unmasked, the partial one masked.
+            seg_sink_nomask = lax.min(s_cta, i32(nsf))
+            carry = lax.fori_loop(i32(0), seg_sink_nomask, nomask_step, carry)
+            carry = lax.fori_loop(seg_sink_nomask, s_cta, mask_step, carry)
+            if n_qbuf == 2 and cfg.defer_q_prefetch:
+              # After the sink steps, so that this tile's first steps do not wait for the previous tile's
+              # output store to drain (this tile's Q is already in SMEM).
+              prefetch_next_q()
+            # Window part: skip what only the other warpgroup needs, mask the edges.
+            carry = lax.fori_loop(s_cta, to_step(lo_need), skip_step, carry)
+            if cfg.window_mask:
+              # Inside the masked window edge, the blocks past the sink blocks and wholly at or before the
+              # warpgroup's first row need only the window compare (one compare and a select per score).
+              w0 = lax.min(lax.max(lo_need, i32(ns)), m0)
+              w1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), w0), m0)
+              carry = lax.fori_loop(to_step(lo_need), to_step(w0), mask_step, carry)
+              carry = lax.fori_loop(to_step(w0), to_step(w1), functools.partial(compute_step, mask="window"),
+                                    carry)
+              carry = lax.fori_loop(to_step(w1), to_step(m0), mask_step, carry)
+            else:
+              carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
+            return carry
+
+          carry = (acc, m_i, l_i)
+          if full:  # no sink or window segments to compile (m0 = 0)
+            if n_qbuf == 2 and cfg.defer_q_prefetch:
+              prefetch_next_q()
           else:
-            def compute_pv(acc_ref):
-              plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-              wait_next_k(t)
+            carry = sink_and_window_edge(carry)
+          carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
+          carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
+          carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
+          acc, m_i, l_i = carry
 
-            acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-          release_v(slot)
-          return acc, m_new, l_i
+          l_ok = l_i > 0.0
+          inv_l = 1.0 / jnp.where(l_ok, l_i, 1.0)
+          acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+          qo_smem[...] = acc.astype(dtype)
+          lse_smem[...] = jnp.where(l_ok, m_i * _LN2 + jnp.log(jnp.where(l_ok, l_i, 1.0)), -jnp.inf)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, bq), q_head])
+          plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, q_head, pl.ds(row0, bq)])
+          return g0 + n_cta
 
-        nomask_step = functools.partial(compute_step, mask=None)
-        mask_step = functools.partial(compute_step, mask="full")        # causal & (sink | window)
-        causal_step = functools.partial(compute_step, mask="causal")    # blocks past the window's left edge
+        if plan.looped:
+          lax.fori_loop(i32(0), plan.n_my, tile_body, i32(0))
+        else:
+          tile_body(0, 0)  # static zeros: fewer live registers in the one-tile-per-CTA kernel
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def sink_and_window_edge(carry):
-          """A streaming head's first segments: the sink blocks, the skipped gap and the masked window edge."""
-          # Sink part: whole sink blocks unmasked, the partial one masked.
-          carry = lax.fori_loop(i32(0), seg_sink_nomask, nomask_step, carry)
-          carry = lax.fori_loop(seg_sink_nomask, s_cta, mask_step, carry)
-          if q_bufs == 2 and cfg.defer_q_prefetch:
-            # After the sink steps, so that this tile's first steps do not wait for the previous tile's output
-            # store to drain (this tile's Q is already in SMEM).
-            prefetch_next_q()
-          # Window part: skip what only the other warpgroup needs, mask the edges.
-          carry = lax.fori_loop(s_cta, to_step(lo_need), skip_step, carry)
-          if cfg.window_mask:
-            # Inside the masked window edge, the blocks past the sink blocks and wholly at or before the
-            # warpgroup's first row need only the window compare (one compare and a select per score).
-            w0 = lax.min(lax.max(lo_need, i32(ns)), m0)
-            w1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), w0), m0)
-            carry = lax.fori_loop(to_step(lo_need), to_step(w0), mask_step, carry)
-            carry = lax.fori_loop(to_step(w0), to_step(w1), functools.partial(compute_step, mask="window"), carry)
-            carry = lax.fori_loop(to_step(w1), to_step(m0), mask_step, carry)
+      @pl.when(wg == 2)
+      def _producer():
+        if not interpret:
+          plgpu.set_max_registers(40, action="decrease")
+
+        def tile_body(j, g0):
+          q_head, b, qi = tile(j)
+          sch = schedule(q_head, qi)
+          kv_head = sch["kv_head"]
+
+          def load(t, slot, wait):  # wait: None (fresh slot), True, or a traced bool
+            sl = (b, pl.ds(block_of(t, sch) * bkv, bkv), kv_head)
+
+            def wait_released(cons, first_id):
+              if wait is True:
+                await_release(cons, first_id, slot)
+              elif wait is not None:
+                pl.when(wait)(lambda: await_release(cons, first_id, slot))
+
+            wait_released(k_cons, _CONS_BAR)
+            plgpu.copy_gmem_to_smem(k_ref.at[sl], k_slot(slot), k_bar.at[slot])
+            wait_released(v_cons, _CONS_BAR + stages)
+            plgpu.copy_gmem_to_smem(v_ref.at[sl], v_slot(slot), v_bar.at[slot])
+
+          if isinstance(g0, int):  # first (only) tile: fill the ring, then wait for each slot's release
+            for i in range(stages):
+              pl.when(i < sch["n_cta"])(functools.partial(load, i32(i), i, None))
+
+            @pl.loop(i32(stages), lax.max(sch["n_cta"], i32(stages)))
+            def _(t):
+              load(t, lax.rem(t, i32(stages)), True)
           else:
-            carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
-          return carry
+            @pl.loop(i32(0), sch["n_cta"])
+            def _(t):
+              g = g0 + t
+              load(t, lax.rem(g, i32(stages)), g >= stages)
 
-        carry = (acc, m_i, l_i)
-        if full is True:  # a full head known at trace time: no sink or window segments to compile (m0 = 0)
-          if q_bufs == 2 and cfg.defer_q_prefetch:
-            prefetch_next_q()
+          return g0 + sch["n_cta"]
+
+        if plan.looped:
+          g_end = lax.fori_loop(i32(0), plan.n_my, tile_body, i32(0))
         else:
-          carry = sink_and_window_edge(carry)
-        carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
-        carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
-        carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
-        acc, m_i, l_i = carry
+          g_end = tile_body(0, 0)
 
-        sched_end()
+        # Observe the last consumed phases too (keeps every barrier's phases consumed; the interpreter checks
+        # it).
+        @pl.loop(lax.max(g_end - stages, i32(0)), g_end)
+        def _(g):
+          slot = lax.rem(g, i32(stages))
+          await_release(k_cons, _CONS_BAR, slot)
+          await_release(v_cons, _CONS_BAR + stages, slot)
 
-        l_ok = l_i > 0.0
-        inv_l = 1.0 / jnp.where(l_ok, l_i, 1.0)
-        acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-        qo_smem[...] = acc.astype(dtype)
-        lse_smem[...] = jnp.where(l_ok, m_i * _LN2 + jnp.log(jnp.where(l_ok, l_i, 1.0)), -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, bq), q_head])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, q_head, pl.ds(row0, bq)])
-        return g0 + n_cta
-
-      if cfg.persistent:
-        lax.fori_loop(i32(0), n_my, tile_body, i32(0))
+    for cond, plan in plans():
+      if cond is None:
+        run(plan)
       else:
-        tile_body(0, 0)  # static zeros: fewer live registers in the one-tile-per-CTA kernel
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    @pl.when(wg == 2)
-    def _producer():
-      if not interpret:
-        plgpu.set_max_registers(40, action="decrease")
-
-      def tile_body(j, g0):
-        q_head, b, qi = tile(j)
-        sch = schedule(q_head, qi)
-        kv_head = sch["kv_head"]
-
-        def load(t, slot, wait):  # wait: None (fresh slot), True, or a traced bool
-          sl = (b, pl.ds(block_of(t, sch) * bkv, bkv), kv_head)
-
-          def wait_released(cons, first_id):
-            if wait is True:
-              await_release(cons, first_id, slot)
-            elif wait is not None:
-              pl.when(wait)(lambda: await_release(cons, first_id, slot))
-
-          wait_released(k_cons, _CONS_BAR)
-          plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
-          wait_released(v_cons, _CONS_BAR + stages)
-          plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
-
-        if isinstance(g0, int):  # first (only) tile: fill the ring, then wait for each slot's release
-          for i in range(stages):
-            pl.when(i < sch["n_cta"])(functools.partial(load, i32(i), i, None))
-
-          @pl.loop(i32(stages), lax.max(sch["n_cta"], i32(stages)))
-          def _(t):
-            load(t, lax.rem(t, i32(stages)), True)
-        else:
-          @pl.loop(i32(0), sch["n_cta"])
-          def _(t):
-            g = g0 + t
-            load(t, lax.rem(g, i32(stages)), g >= stages)
-
-        return g0 + sch["n_cta"]
-
-      if cfg.persistent:
-        g_end = lax.fori_loop(i32(0), n_my, tile_body, i32(0))
-      else:
-        g_end = tile_body(0, 0)
-
-      # Observe the last consumed phases too (keeps every barrier's phases consumed; the interpreter checks it).
-      @pl.loop(lax.max(g_end - stages, i32(0)), g_end)
-      def _(g):
-        slot = lax.rem(g, i32(stages))
-        await_release(k_cons, _CONS_BAR, slot)
-        await_release(v_cons, _CONS_BAR + stages, slot)
+        pl.when(cond)(functools.partial(run, plan))
 
   smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
   scratch = [
       smem((q_bufs, 2, bq, D)),
-      smem((stages, bkv, D)),
-      smem((stages, bkv, D)),
+      smem((2 * stages, bkv_max, D)),  # K ring (slots [0, stages)), then the V ring
       plgpu.SMEM((2, bq), jnp.float32),
-      smem((2, bq, bkv)) if interpret else None,  # interpreter only: P staged through SMEM
+      # Interpreter only: P staged through SMEM (streaming and full heads' step widths).
+      smem((2, bq, bkv_stream)) if interpret else None,
+      smem((2, bq, bkv_full)) if interpret else None,
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=2 * q_bufs),
@@ -590,8 +657,8 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       body,
       out_type=out_type,
       scratch_types=scratch,
-      grid=(n_ctas,) if cfg.persistent else (Hq, B, n_qt),
-      grid_names=("cta",) if cfg.persistent else ("heads", "batch", "q_seq"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=_NUM_WARPGROUPS,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
