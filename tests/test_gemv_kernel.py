@@ -110,3 +110,14 @@ def test_gpu_dense_group_takes_the_kernel_and_matches_dense():
   for y, p in zip(dense_group(ps, x, impl="auto"), ps):
     ref = dense(p, x)
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("M,K,Ns", [(1, 4096, [4096, 1024, 1024]), (4, 576, [1536]), (1, 11008, [4096])])
+def test_gpu_kernel_lowers_for_cuda_without_a_gpu(M, K, Ns):
+  """The GPU path (fast math, not the interpreter) lowers to one Mosaic-GPU custom call for CUDA on a CPU-only
+  machine (``jax.export`` for another platform), with the default config."""
+  from jax import export  # noqa: PLC0415
+  x = jax.ShapeDtypeStruct((M, K), jnp.bfloat16)
+  ws = [jax.ShapeDtypeStruct((K, n), jnp.bfloat16) for n in Ns]
+  exported = export.export(jax.jit(lambda x, ws: gemv_mgpu.gemv_multi(x, ws)), platforms=["cuda"])(x, ws)
+  assert exported.mlir_module().count("custom_call @mosaic_gpu") == 1
