@@ -125,3 +125,29 @@ def test_bad_sampling():
     SamplingConfig(top_p=1.5)
   with pytest.raises(ValueError, match="temperature must be >= 0; got -1"):
     SamplingConfig(temperature=-1)
+
+
+def test_generate_gpu_path_lowers_for_cuda_without_a_gpu(monkeypatch):
+  """The jitted prefill and decode loop of a bf16 duo model, as a Hopper GPU would run them (prefill kernel,
+  decode kernels, GEMVs), lower for CUDA on a CPU-only machine (``jax.export`` for another platform)."""
+  from jax import export  # noqa: PLC0415
+  from duojax.cache import init_cache  # noqa: PLC0415
+  from duojax.config import LlamaConfig  # noqa: PLC0415
+  from duojax.kernels import hardware  # noqa: PLC0415
+  from tests.test_model import random_params  # noqa: PLC0415
+  monkeypatch.setattr(hardware, "hopper_device_kind", lambda: "NVIDIA H200 (lowering only)")
+  cfg = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0, rms_norm_eps=1e-5)
+  duo = DuoSpec.from_num_full((1, 2), 2, sink=64, window=128)  # a duo layer and an all-full layer
+  gen = Generator(build_model(cfg, random_params(cfg), duo, dtype="bfloat16"), max_len=512, chunk_size=128,
+                  impl="pallas")
+  cache = init_cache(cfg, duo, 2, gen.max_len, gen.cache_dtype)
+  tokens, lengths = jnp.zeros((2, 256), jnp.int32), jnp.asarray([256, 100], jnp.int32)
+  prefill = export.export(gen._prefill, platforms=["cuda"])(gen.graphdef, gen.state, tokens, lengths, cache,
+                                                            chunk_size=128, impl="pallas")
+  # two chunks x two layers of prefill attention at least
+  assert prefill.mlir_module().count("custom_call @mosaic_gpu") >= 4
+  decode = export.export(gen._decode, platforms=["cuda"])(
+      gen.graphdef, gen.state, cache, jnp.zeros((2, cfg.vocab_size), jnp.float32), jax.random.key(0),
+      jnp.asarray([1], jnp.int32), max_new_tokens=4, sampling=SamplingConfig(), impl="pallas", stream=None)
+  assert decode.mlir_module().count("custom_call @mosaic_gpu") >= 2  # decode attention of both layers at least
