@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 import traceback
@@ -71,7 +72,6 @@ def parse_config(text: str):
   unsafe_no_auto_barriers, 'c' mbarrier consumed-slot signals (default: hardware named barriers), 'w' no
   window-only masks (full masks on every window-edge block), 'e' eager Q prefetch (at the start of each
   persistent tile). Example: '64x128x2-192f4ru'."""
-  import re  # noqa: PLC0415
   from duojax.kernels.prefill_mgpu import BlockConfig  # noqa: PLC0415
   m = re.fullmatch(_CONFIG_RE, text)
   if m is None or set(m.group(6)) - set("pmrucwe"):

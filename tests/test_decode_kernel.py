@@ -217,16 +217,15 @@ def test_gpu_kernels_lower_for_cuda_without_a_gpu(monkeypatch, D, G, sink, windo
   """The Hopper path of duo_decode_attention (not the interpreter) lowers to Mosaic-GPU custom calls for CUDA on
   a CPU-only machine (``jax.export`` for another platform); the ring size picks the fused launch, a second
   kernel launch for the ring, or plain JAX over the ring."""
-  from jax import export  # noqa: PLC0415
   from duojax.kernels import decode  # noqa: PLC0415
+  from tests.lowering import mosaic_gpu_launches  # noqa: PLC0415
   monkeypatch.setattr(decode, "resolve_impl", lambda impl, name: "pallas")  # as on a Hopper GPU
   B, L, nf, ns, R = 2, 1024, 2, 2, sink + window
   sds = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   args = (sds((B, (nf + ns) * G, D)), sds((B, L, nf, D)), sds((B, L, nf, D)), sds((B,), jnp.int32),
           sds((B, R, ns, D)), sds((B, R, ns, D)), sds((B, R), jnp.int32))
-  fn = jax.jit(lambda *a: duo_decode_attention(*a, sink=sink, window=window, impl="pallas"))
-  exported = export.export(fn, platforms=["cuda"])(*args)
-  launches = exported.mlir_module().count("custom_call @mosaic_gpu")
+  launches = mosaic_gpu_launches(lambda *a: duo_decode_attention(*a, sink=sink, window=window, impl="pallas"),
+                                 *args)
   assert launches == (1 if R % 128 == 0 else 2 if R % 64 == 0 else 1), launches
 
 

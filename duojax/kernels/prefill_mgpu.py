@@ -349,11 +349,10 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       ns = _cdiv(sink, bkv)     # blocks holding sink keys
       nsf = sink // bkv         # blocks made only of sink keys
       # K/V slots: the first bkv rows of the ring's bkv_max-row slots (K slot s at s, V slot s at stages + s).
-      def kv_slot(i):
+      def k_slot(i):
         return kv_smem.at[i] if bkv == bkv_max else kv_smem.at[i, pl.ds(0, bkv)]
 
-      k_slot = kv_slot
-      v_slot = lambda slot: kv_slot(stages + slot)
+      v_slot = lambda slot: k_slot(stages + slot)
 
       def schedule(q_head, qi):
         """The CTA's KV step schedule, shared by the producer and the consumers (traced int32 scalars)."""
@@ -378,13 +377,10 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         lse_smem = lse_smem2.at[wg]
         n_qbuf = 2 if (plan.looped and q_bufs == 2) else 1
 
-        def q_buffer(buf):  # this warpgroup's Q (and output staging) buffer
-          return q_smem3.at[buf, wg]
-
-        def issue_q(j, buf):
+        def issue_q(j, buf):  # into this warpgroup's Q buffer (which also stages its output)
           h, b, qi = tile(j)
           row0 = qi * (2 * bq) + wg * bq
-          plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_buffer(buf), q_bar.at[buf * 2 + wg])
+          plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem3.at[buf, wg], q_bar.at[buf * 2 + wg])
 
         if n_qbuf == 2:
           issue_q(i32(0), 0)
@@ -394,7 +390,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
           sch = schedule(q_head, qi)
           n_cta = sch["n_cta"]
           buf = lax.rem(j, i32(2)) if n_qbuf == 2 else 0
-          qo_smem = q_buffer(buf)
+          qo_smem = q_smem3.at[buf, wg]
 
           def prefetch_next_q():
             # The previous tile's output (in the other Q buffer) and lse stores must have left SMEM first.
