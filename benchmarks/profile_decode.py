@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
 import pathlib
@@ -53,10 +54,14 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--top", type=int, default=25)
   ap.add_argument("--xla-projections", action="store_true", help="XLA dots instead of the Mosaic-GPU GEMV")
+  ap.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's own count)")
+  ap.add_argument("--hlo-out", default=None, help="write the optimized HLO of the jitted decode loop here")
   args = ap.parse_args(argv)
   if args.xla_projections:
     dense_module.GEMV_MAX_ROWS = 0
   config = MODELS[args.model]
+  if args.layers:
+    config = dataclasses.replace(config, num_hidden_layers=args.layers)
   dtype = jnp.bfloat16 if args.model != "tiny" else jnp.float32
   duo = duo_spec(config, args.ratio)
   model = random_model(config, duo, dtype)
@@ -72,6 +77,12 @@ def main(argv=None):
     out.block_until_ready()
     return cache
 
+  if args.hlo_out:
+    lowered = gen._decode.lower(gen.graphdef, gen.state, set_length(cache, args.context, SINK, WINDOW), logits,
+                                jax.random.key(0), stop, max_new_tokens=args.steps, sampling=gen_sampling(),
+                                impl=gen.impl, stream=None)
+    pathlib.Path(args.hlo_out).write_text(lowered.compile().as_text())
+    print(f"optimized HLO written to {args.hlo_out}")
   cache = run(cache, 0)  # compile
   t0 = time.perf_counter()
   cache = run(cache, 1)

@@ -382,7 +382,12 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
           row0 = qi * (2 * bq) + wg * bq
           plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem3.at[buf, wg], q_bar.at[buf * 2 + wg])
 
-        if n_qbuf == 2:
+        # Looped CTAs with one Q buffer whose K/V slots have >= bq spare rows (streaming CTAs of a duo layer:
+        # 128-key steps in 192-row slots) stage their output in those spare rows (warpgroup w: K slot w), so
+        # the next tile's Q can load into the Q buffer as soon as this tile's last QK^T is done, instead of
+        # after the output store has drained.
+        stage_out = plan.looped and n_qbuf == 1 and bkv_max - bkv >= bq
+        if n_qbuf == 2 or stage_out:
           issue_q(i32(0), 0)
 
         def tile_body(j, g0):
@@ -400,7 +405,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             def _():
               issue_q(j + 1, 1 - buf)
 
-          if n_qbuf == 1:
+          if n_qbuf == 1 and not stage_out:
             if plan.looped:
               plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             issue_q(j, 0)
@@ -433,6 +438,10 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             mlo = lax.div(lax.max(bpos - window, i32(-1)) + bkv, i32(bkv))
             m0 = lax.min(lax.max(mlo, lo_need), hi_wg)
           m1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), m0), hi_wg)
+          if stage_out:
+            # This warpgroup's last QK^T step: the window part's last step, else the sink part's (-1: none).
+            last_qk = jnp.where(hi_wg > lo_need, to_step(hi_wg) - 1, s_cta - 1)
+            prefetch_q = lambda: pl.when(j + 1 < plan.n_my)(lambda: issue_q(j + 1, 0))
           window_eff = _FULL_WINDOW if full else window
 
           m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -466,6 +475,8 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
 
             s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
             release_k(slot)
+            if stage_out:  # the Q buffer is free after the tile's last QK^T
+              pl.when(t == last_qk)(prefetch_q)
             if mask is not None:
               # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
               # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
@@ -557,14 +568,20 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
           carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
           carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
           acc, m_i, l_i = carry
+          if stage_out:
+            pl.when(last_qk < 0)(prefetch_q)  # a tile whose rows of this warpgroup see no key
 
           l_ok = l_i > 0.0
           inv_l = 1.0 / jnp.where(l_ok, l_i, 1.0)
           acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-          qo_smem[...] = acc.astype(dtype)
+          o_smem = qo_smem
+          if stage_out:
+            o_smem = kv_smem.at[wg, pl.ds(bkv, bq)]
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's output and lse stores
+          o_smem[...] = acc.astype(dtype)
           lse_smem[...] = jnp.where(l_ok, m_i * _LN2 + jnp.log(jnp.where(l_ok, l_i, 1.0)), -jnp.inf)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, bq), q_head])
+          plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(row0, bq), q_head])
           plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, q_head, pl.ds(row0, bq)])
           return g0 + n_cta
 
