@@ -242,7 +242,7 @@ def main(argv=None):
              "gemv_block_n": gemv_mgpu.DEFAULT_BLOCK_N, "gemv_min_matrices": dense_module.GEMV_MIN_MATRICES}
   contexts = [int(c) for c in args.contexts.split(",")]
   full_fit = None
-  for ratio in (float(r) for r in args.ratios.split(",")):
+  for ratio in (float(r) for r in args.ratios.split(",") if r):  # --ratios "": prefill only
     print(f"decode, {args.model}, retrieval ratio {ratio}", flush=True)
     extra = full_fit - args.decode_steps - 64 if (args.at_full_fit and full_fit) else None
     r = bench_decode(config, ratio, contexts, steps=args.decode_steps, iters=args.iters, dtype=dtype,

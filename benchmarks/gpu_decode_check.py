@@ -48,6 +48,9 @@ CASES = [
     (2, 4096, 1, 1, 16, 64, 64, 256, [4096, 2000], jnp.bfloat16, "auto", None),
     (1, 2048, 1, 1, 64, 64, 64, 256, [1500], jnp.bfloat16, "kernel", None),
     (1, 8192, 8, 0, 8, 128, 64, 256, [8000], jnp.float16, "auto", DecodeConfig(64, 2, 8)),
+    # capacity not a multiple of 128 at D=128: the default 64-row blocks, 2 stages, 2 CTAs per SM, fused ring
+    (1, 8256, 8, 24, 1, 128, 64, 256, [8200], jnp.bfloat16, "auto", None),  # a Llama-2 duo layer, shorter
+    (2, 8256, 2, 2, 4, 128, 64, 256, [8256, 1000], jnp.bfloat16, "auto", None),
 ]
 
 

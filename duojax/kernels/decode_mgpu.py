@@ -76,6 +76,11 @@ def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, nu
   if block_kv is None:
     block_kv = 128 if D <= 128 else 64
   block_kv = min(block_kv, max(64, S))
+  if block_kv == 64 and D == 128 and num_stages is None and ctas_per_sm is None:
+    # 64-row blocks at D=128: two CTAs per SM with 2 stages each beat one CTA with 4 (H200, in-jit loops: the
+    # Llama-2 duo layer at 128k 0.143 vs 0.151 ms, benchmarks/sweep_decode_layer.py; 8 KV heads x 512k 4.34
+    # vs 4.13 TB/s, bench_decode.py).
+    num_stages, ctas_per_sm = 2, 2
   if num_stages is None:  # about 128 KiB of K/V in flight per SM (measured on an H200: 2 stages of 128 rows at D=128)
     num_stages = max(2, min(4, (128 * 1024) // (2 * block_kv * D * 2)))
   if ctas_per_sm is None:
