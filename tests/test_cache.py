@@ -77,3 +77,20 @@ def test_streaming_memory_is_constant_in_context():
   large = cache_bytes(init_cache(CFG, DUO, 1, 4096, jnp.bfloat16))
   assert small["streaming"] == large["streaming"]
   assert large["retrieval"] == 16 * small["retrieval"]
+
+
+
+def test_decode_into_a_full_cache_stores_nothing(setup):
+  """A sequence whose retrieval cache is full (``lengths == max_len``) still gets logits, but its token is dropped:
+  the cache's last position is not overwritten."""
+  model, tokens, _ = setup
+  L = 64
+  cache = init_cache(CFG, DUO, 2, L, jnp.float32)
+  valid = jnp.full((2,), L, jnp.int32)
+  _, full = prefill_chunk(model, tokens[:, :L], cache, start=0, valid_len=valid, impl="reference")
+  np.testing.assert_array_equal(np.asarray(full.lengths), [L, L])
+  logits, after = decode(model, tokens[:, L], full, impl="reference")
+  assert np.isfinite(np.asarray(logits)).all()
+  for lc0, lc1 in zip(full.layers, after.layers):
+    np.testing.assert_array_equal(np.asarray(lc1.k_full), np.asarray(lc0.k_full))
+    np.testing.assert_array_equal(np.asarray(lc1.v_full), np.asarray(lc0.v_full))
