@@ -5,6 +5,7 @@ jitted while-loop decode at one context and prints the kernels by total GPU time
 kernel time against the wall time (the gap is launch and loop overhead).
 
     python benchmarks/profile_decode.py --model llama2-7b --ratio 0.25 --context 131072
+    python benchmarks/profile_decode.py --layers 2 --hlo-out decode_hlo.txt   # a 2-layer model's fusions
 """
 
 from __future__ import annotations

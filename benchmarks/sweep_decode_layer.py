@@ -1,11 +1,15 @@
-"""Decode attention configs on one duo layer of the Llama-2-7B efficiency benchmark: 8 retrieval KV heads over a
-128k-token cache and 24 streaming heads over a ring of sink 64 + window 256 (B=1, 32 query heads, head_dim 128).
+"""Decode attention configs on single layers of the efficiency benchmark's models (B=1, 32 query heads, head_dim
+128, ring of sink 64 + window 256): Llama-2-7B duo (8 retrieval KV heads x 128k + 24 streaming) and all-full
+(32 x 128k), Llama-3-8B duo (4 x 899,744 + 4 streaming) and all-full (8 x 899,744).
 
-The efficiency benchmark's cache capacity is 131,136 positions (context + decode steps, rounded up to 64), which
-is not a multiple of 128, so the default config there uses 64-row blocks. This sweep times that default against
-other block sizes, stage counts, CTAs per SM and streaming paths, at that capacity and at a 128-multiple one.
+The efficiency benchmark's cache capacities (context + decode steps, rounded up to 64) are not multiples of 128,
+so the default config there uses 64-row blocks. This sweep times the default against other block sizes, stage
+counts, CTAs per SM and streaming paths, at that capacity and at a 128-multiple one (or, with ``--ctas-per-sm``,
+64-row blocks at the given CTAs per SM only). Variants are timed round-robin (in-jit loops and host-timed calls).
 
-    python benchmarks/sweep_decode_layer.py    # GPU; prints a table, writes decode_layer_sweep_<gpu>.json
+    python benchmarks/sweep_decode_layer.py                       # Llama-2 duo layer, every variant
+    python benchmarks/sweep_decode_layer.py --shapes llama2-duo25 llama2-full llama3-duo50 llama3-full \
+        --ctas-per-sm 1 2 3
 """
 
 from __future__ import annotations
@@ -27,22 +31,59 @@ from duojax.kernels import decode_mgpu  # noqa: E402
 from duojax.kernels.decode import duo_decode_attention  # noqa: E402
 
 
+SHAPES = {  # name: (Hq, nf, ns, context, capacity) at head_dim 128, sink 64 + window 256, B=1
+    "llama2-duo25": (32, 8, 24, 131072, 131136),
+    "llama2-full": (32, 32, 0, 131072, 131136),
+    "llama3-duo50": (32, 4, 4, 899744, 899776),
+    "llama3-full": (32, 8, 0, 899744, 899776),
+}
+
+
 def main() -> None:
-  B, Hq, D, nf, ns, sink, window, length = 1, 32, 128, 8, 24, 64, 256, 131072
-  R = sink + window
+  import argparse  # noqa: PLC0415
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--shapes", nargs="*", default=["llama2-duo25"], choices=sorted(SHAPES))
+  ap.add_argument("--ctas-per-sm", nargs="*", type=int, default=None,
+                  help="only sweep 64-row blocks with these CTAs per SM (2 stages for 2+, 4 for 1)")
+  args = ap.parse_args()
   out_dir = pathlib.Path(os.environ.get("OUT") or "benchmarks/results")
+  all_rows = []
+  for shape in args.shapes:
+    all_rows += sweep(shape, args.ctas_per_sm)
+  dev = jax.devices()[0]
+  res = dict(device=dev.device_kind, jax_version=jax.__version__,
+             date=datetime.datetime.now(datetime.UTC).isoformat(), rows=all_rows)
+  print(f"{'shape':>13} {'capacity':>9} {'streaming':>9} {'config':>26} {'host ms':>8} {'loop ms':>8} {'TB/s':>6}")
+  for r in all_rows:
+    c = r["config"]
+    cs = "default" if c is None else f"bk{c['block_kv']} st{c['num_stages']} bps{c['blocks_per_split']} x{c['ctas_per_sm']}"
+    print(f"{r['shape']:>13} {r['capacity']:>9} {r['streaming_impl']:>9} {cs:>26} {r.get('ms', float('nan')):8.4f} "
+          f"{r.get('loop_ms', float('nan')):8.4f} {r.get('tb_s_loop', float('nan')):6.2f}")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  tag = "" if args.shapes == ["llama2-duo25"] else "_" + "_".join(args.shapes)
+  (out_dir / f"decode_layer_sweep{tag}_{dev.device_kind.replace(' ', '_')}.json").write_text(
+      json.dumps(res, indent=1))
+
+
+def sweep(shape: str, ctas_per_sm) -> list[dict]:
+  Hq, nf, ns, length, cap = SHAPES[shape]
+  B, D, sink, window = 1, 128, 64, 256
+  R = sink + window
   rows, ref = [], None
-  variants = [  # (capacity, streaming_impl, config or None)
-      (131136, "auto", None),
-      (131136, "auto", dict(block_kv=64, num_stages=3)),
-      (131136, "auto", dict(block_kv=64, num_stages=2, ctas_per_sm=2)),
-      (131136, "kernel", dict(block_kv=64, num_stages=4)),
-      (131200, "auto", None),
-      (131200, "xla", None),
-      (131200, "auto", dict(block_kv=128, num_stages=3)),
-      (131200, "fused", dict(block_kv=64, num_stages=2, ctas_per_sm=2)),
-      (131200, "fused", dict(block_kv=64, num_stages=4)),
-  ]
+  if ctas_per_sm:
+    variants = [(cap, "auto", dict(block_kv=64, num_stages=4 if c == 1 else 2, ctas_per_sm=c)) for c in ctas_per_sm]
+  else:
+    variants = [  # (capacity, streaming_impl, config or None)
+        (cap, "auto", None),
+        (cap, "auto", dict(block_kv=64, num_stages=3)),
+        (cap, "auto", dict(block_kv=64, num_stages=2, ctas_per_sm=2)),
+        (cap, "kernel", dict(block_kv=64, num_stages=4)),
+        (cap + 64, "auto", None),
+        (cap + 64, "xla", None),
+        (cap + 64, "auto", dict(block_kv=128, num_stages=3)),
+        (cap + 64, "fused", dict(block_kv=64, num_stages=2, ctas_per_sm=2)),
+        (cap + 64, "fused", dict(block_kv=64, num_stages=4)),
+    ]
   ks = jax.random.split(jax.random.key(0), 5)
   q = jax.random.normal(ks[0], (B, Hq, D), jnp.bfloat16)
   kr = jax.random.normal(ks[3], (B, R, ns, D), jnp.bfloat16)
@@ -63,7 +104,7 @@ def main() -> None:
     fn = jax.jit(lambda *a, simpl=simpl, cfg=cfg: duo_decode_attention(
         *a, sink=sink, window=window, streaming_impl=simpl, impl="pallas", config=cfg))
     args = (q, kf, vf, lengths, kr, vr, ring_pos)
-    row = dict(capacity=L, streaming_impl=simpl, config=None if cfg is None else dict(
+    row = dict(shape=shape, capacity=L, streaming_impl=simpl, config=None if cfg is None else dict(
         block_kv=cfg.block_kv, num_stages=cfg.num_stages, blocks_per_split=cfg.blocks_per_split,
         ctas_per_sm=cfg.ctas_per_sm), kv_bytes=2 * B * (length * nf + R * ns) * D * 2, loop_samples=[],
         host_samples=[])
@@ -85,18 +126,7 @@ def main() -> None:
     row["loop_ms"] = statistics.median(row["loop_samples"])
     row["tb_s_loop"] = row["kv_bytes"] / (row["loop_ms"] * 1e-3) / 1e12
     print(json.dumps(row), flush=True)
-  dev = jax.devices()[0]
-  res = dict(device=dev.device_kind, jax_version=jax.__version__,
-             date=datetime.datetime.now(datetime.UTC).isoformat(), shape=dict(B=B, Hq=Hq, D=D, nf=nf, ns=ns,
-             sink=sink, window=window, length=length), rows=rows)
-  print(f"{'capacity':>9} {'streaming':>9} {'config':>34} {'host ms':>8} {'loop ms':>8} {'TB/s':>6}")
-  for r in rows:
-    c = r["config"]
-    cs = "default" if c is None else f"bk{c['block_kv']} st{c['num_stages']} bps{c['blocks_per_split']} x{c['ctas_per_sm']}"
-    print(f"{r['capacity']:>9} {r['streaming_impl']:>9} {cs:>34} {r.get('ms', float('nan')):8.4f} "
-          f"{r.get('loop_ms', float('nan')):8.4f} {r.get('tb_s_loop', float('nan')):6.2f}")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / f"decode_layer_sweep_{dev.device_kind.replace(' ', '_')}.json").write_text(json.dumps(res, indent=1))
+  return rows
 
 
 if __name__ == "__main__":
