@@ -14,6 +14,7 @@ counts, CTAs per SM and streaming paths, at that capacity and at a 128-multiple 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -40,7 +41,6 @@ SHAPES = {  # name: (Hq, nf, ns, context, capacity) at head_dim 128, sink 64 + w
 
 
 def main() -> None:
-  import argparse  # noqa: PLC0415
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--shapes", nargs="*", default=["llama2-duo25"], choices=sorted(SHAPES))
   ap.add_argument("--ctas-per-sm", nargs="*", type=int, default=None,

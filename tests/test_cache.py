@@ -79,7 +79,6 @@ def test_streaming_memory_is_constant_in_context():
   assert large["retrieval"] == 16 * small["retrieval"]
 
 
-
 def test_decode_into_a_full_cache_stores_nothing(setup):
   """A sequence whose retrieval cache is full (``lengths == max_len``) still gets logits, but its token is dropped:
   the cache's last position is not overwritten."""

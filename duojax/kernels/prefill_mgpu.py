@@ -34,7 +34,9 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   query tile back to back, the K/V ring running on across them (short streaming tiles then share one CTA's
   start-up and drain). Full and streaming CTAs are interleaved in every wave, so a 25%-retrieval layer costs
   about its share of the work. At head_dim 128, duo layers step over 192 keys on full heads and 128 on
-  streaming heads (``full_block_kv``; streaming steps use the first 128 rows of the 192-row K/V slots).
+  streaming heads (``full_block_kv``; streaming steps use the first 128 rows of the 192-row K/V slots). The
+  folded streaming CTAs stage their output in the other 64 rows, so each tile's Q buffer is free for the next
+  tile's Q as soon as the tile's last QK^T is done.
   When every head is streaming (``nf == 0``) the default is a persistent grid (one CTA per SM, static
   round-robin over the same tile order): the K/V ring, the next tile's Q load (double buffered Q, issued
   after the tile's sink steps) and the previous tile's output store overlap across tiles (16k: 0.28 ms vs
@@ -377,7 +379,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
         lse_smem = lse_smem2.at[wg]
         n_qbuf = 2 if (plan.looped and q_bufs == 2) else 1
 
-        def issue_q(j, buf):  # into this warpgroup's Q buffer (which also stages its output)
+        def issue_q(j, buf):  # into this warpgroup's Q buffer (which also stages its output, unless stage_out)
           h, b, qi = tile(j)
           row0 = qi * (2 * bq) + wg * bq
           plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem3.at[buf, wg], q_bar.at[buf * 2 + wg])
