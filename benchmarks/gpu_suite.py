@@ -16,6 +16,8 @@ Stages (each a subprocess; a failing stage is recorded and the next one runs):
   gemv        benchmarks/bench_gemv.py (XLA dots vs the Mosaic-GPU GEMV, weight TB/s)
   profile-decode      benchmarks/profile_decode.py: GPU time per kernel of Llama-2-7B duo decode steps at 128k,
               with the GEMV kernel and with XLA projections
+  efficiency-prefill  Llama-2-7B prefill of 128k tokens in 32k chunks, all-full and 25% retrieval (no decode)
+  decode-sweep        benchmarks/sweep_decode_layer.py: 1, 2 and 3 CTAs per SM on the four efficiency layers
 Everything the stages write lands in /tmp/duojax_results, packed into $OUT/results.tar.gz (the device tool
 returns at most 8 files), with a summary in $OUT/suite.json.
 """
@@ -71,6 +73,12 @@ def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
             [*eff, "--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts", str(LLAMA3_FULL_FIT)]]
   if stage == "decode":
     return [[py, str(b / "gpu_decode_check.py")]]
+  if stage == "efficiency-prefill":
+    return [[py, str(b / "bench_efficiency.py"), "--model", "llama2-7b", "--ratios", "", "--prefill-context", "131072",
+             "--chunks", "32768", "--iters", "2", "--out", str(out)]]
+  if stage == "decode-sweep":
+    return [[py, str(b / "sweep_decode_layer.py"), "--shapes", "llama2-duo25", "llama2-full", "llama3-duo50",
+             "llama3-full", "--ctas-per-sm", "1", "2", "3"]]
   if stage == "attention":
     return [[py, str(b / "bench_attention.py"), "--out", str(out)]]
   if stage == "decodebench":
