@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_decode import rel_l2, timeit, timeit_loop  # noqa: E402
 
 from duojax.kernels import decode_mgpu  # noqa: E402
-from duojax.kernels.decode import duo_decode_attention  # noqa: E402
+from duojax.kernels.decode import duo_decode_attention, ring_fuses  # noqa: E402
 
 
 SHAPES = {  # name: (Hq, nf, ns, context, capacity) at head_dim 128, sink 64 + window 256, B=1
@@ -99,7 +99,7 @@ def sweep(shape: str, ctas_per_sm) -> list[dict]:
     kf, vf = caches[L]
     cfg = None
     if kw is not None:
-      fuse = simpl in ("fused", "auto") and R % kw["block_kv"] == 0
+      fuse = ring_fuses(ns, R, kw["block_kv"], simpl)  # the streaming CTAs share the launch's wave
       cfg = decode_mgpu.pick_config(L, D, B * nf, other_ctas=B * ns if fuse else 0, **kw)
     fn = jax.jit(lambda *a, simpl=simpl, cfg=cfg: duo_decode_attention(
         *a, sink=sink, window=window, streaming_impl=simpl, impl="pallas", config=cfg))

@@ -124,6 +124,13 @@ def duo_decode_attention(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *
   return (out, lse) if return_lse else out
 
 
+def ring_fuses(ns: int, R: int, block_kv: int, streaming_impl: str) -> bool:
+  """Whether the streaming heads' ring (``R`` slots, ``ns`` heads) runs in the retrieval kernel's launch: when
+  ``streaming_impl`` allows it ("auto" or "fused") and the block size divides the ring (measured on an H200 with
+  a ring of 320: forcing 64-row blocks onto the retrieval heads cost about what the saved launch gained)."""
+  return ns > 0 and R % block_kv == 0 and streaming_impl in ("auto", "fused")
+
+
 def _fold_queries(qg):
   """``[B, H, G, D]`` -> ``[B, H, 64, D]`` (zero rows after the group's G heads)."""
   G = qg.shape[2]
@@ -141,9 +148,7 @@ def _decode_pallas(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, sink
   fast = not interpret
   outs, lses = [], []
   R = k_ring.shape[1]
-  # One launch for both kinds of heads when the block size divides the ring (measured on an H200 with a ring of
-  # 320: forcing 64-row blocks onto the retrieval heads cost about what the saved launch gained).
-  fuses = lambda block_kv: ns > 0 and R % block_kv == 0 and streaming_impl in ("auto", "fused")
+  fuses = lambda block_kv: ring_fuses(ns, R, block_kv, streaming_impl)
   if nf:
     L = k_full.shape[1]
     cfg = config
