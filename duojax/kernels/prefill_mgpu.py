@@ -103,6 +103,9 @@ class BlockConfig:
   # Duo layers: streaming query heads per CTA, run back to back (the K/V ring and the Q loads run on across
   # them, as in the persistent grid); 1: one tile per CTA.
   stream_fold: int = 1
+  # 128-key steps whose visible keys all lie in one 64-key half for every row of the warpgroup (the last
+  # causal block, a streaming window's first block) compute only that half (QK^T and PV with N/K = 64).
+  half_steps: bool = True
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_kv % 64 or (self.full_block_kv or 64) % 64:
@@ -146,6 +149,8 @@ def default_config(head_dim: int, heads: str = "duo") -> BlockConfig:
     cfg = dataclasses.replace(cfg, persistent=True, named_consumed=False)
   return cfg
 
+
+_HALF = 64  # half of a 128-key step
 
 _SCHED_BAR = 10  # named barriers 10 and 11 (Mosaic GPU uses the low ids)
 _CONS_BAR = 4    # consumed-slot named barriers: K at 4 .. 4 + stages - 1, V after them (stages <= 3)
@@ -290,7 +295,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
     return [(x < nfq, full_plan), (x >= nfq, stream_plan)]
 
   def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem3, kv_smem, lse_smem2, p_smem_stream,
-           p_smem_full, k_bar, v_bar, q_bar, k_cons, v_cons, sched_bar):
+           p_smem_full, p_smem_half, k_bar, v_bar, q_bar, k_cons, v_cons, sched_bar):
     wg = lax.axis_index("wg")
 
     def sched_sync():
@@ -465,27 +470,35 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             release_v(slot)
             return carry
 
-          def compute_step(t, carry, mask: str | None):
+          def compute_step(t, carry, mask: str | None, half: int | None = None):
+            """One KV step; ``half`` (0 or 1): only that 64-key half of the 128-key block (the other half is
+            invisible to every row of this warpgroup)."""
             acc, m_i, l_i = carry
             slot = slot_of(t)
             bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
+            width = bkv if half is None else _HALF
+            if half is None:
+              k_ref_s, v_ref_s = k_slot(slot), v_slot(slot)
+            else:
+              k_ref_s = kv_smem.at[slot, pl.ds(half * _HALF, _HALF)]
+              v_ref_s = kv_smem.at[stages + slot, pl.ds(half * _HALF, _HALF)]
 
             def compute_qk(acc_ref):
-              plgpu.wgmma(acc_ref, qo_smem, k_slot(slot).T)
+              plgpu.wgmma(acc_ref, qo_smem, k_ref_s.T)
               sched_after_qk()
               return acc_ref[...]
 
-            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, width), jnp.float32))
             release_k(slot)
             if stage_out:  # the Q buffer is free after the tile's last QK^T
               pl.when(t == last_qk)(prefetch_q)
             if mask is not None:
               # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
               # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
-              k0 = block_of(t, sch) * bkv
+              k0 = block_of(t, sch) * bkv + (0 if half is None else half * _HALF)
               rowi = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
               last = rowi + (a - k0)
-              cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+              cols = plgpu.broadcasted_iota(jnp.int32, (bq, width), 1, layout=plgpu.Layout.WGMMA)
               if mask == "window":  # no sink key in the block and every key <= the warpgroup's first row
                 vis = cols > bcast(last - window_eff, s.shape)
               else:
@@ -512,19 +525,19 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
               l_i = l_i + p.sum(axis=1)
 
             if interpret:
-              p_smem = (p_smem_full if full else p_smem_stream).at[wg]
+              p_smem = (p_smem_half if half is not None else p_smem_full if full else p_smem_stream).at[wg]
               p_smem[...] = p16
               plgpu.commit_smem()
 
               def compute_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_slot(slot))
+                plgpu.wgmma(acc_ref, p_smem, v_ref_s)
                 wait_next_k(t)
                 return acc_ref[...]
 
               acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((bq, D), jnp.float32))
             else:
               def compute_pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_slot(slot))
+                plgpu.wgmma(acc_ref, p16, v_ref_s)
                 wait_next_k(t)
 
               acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
@@ -534,6 +547,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
           nomask_step = functools.partial(compute_step, mask=None)
           mask_step = functools.partial(compute_step, mask="full")        # causal & (sink | window)
           causal_step = functools.partial(compute_step, mask="causal")    # blocks past the window's left edge
+          halves = cfg.half_steps and bkv == 2 * _HALF
 
           def sink_and_window_edge(carry):
             """A streaming head's first segments: the sink blocks, the skipped gap and the masked window edge."""
@@ -547,17 +561,26 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
               prefetch_next_q()
             # Window part: skip what only the other warpgroup needs, mask the edges.
             carry = lax.fori_loop(s_cta, to_step(lo_need), skip_step, carry)
+            lo = lo_need
+            if halves:
+              # The window's first block holds no sink key and its first half lies at or before every row's
+              # window edge (key k0 + 63 <= a - window): compute its second half only.
+              k0 = lo_need * bkv
+              hf = ((lo_need < m0) & (k0 >= sink) & (a - window - k0 >= _HALF - 1)).astype(jnp.int32)
+              carry = lax.fori_loop(to_step(lo_need), to_step(lo_need) + hf,
+                                    functools.partial(compute_step, mask="full", half=1), carry)
+              lo = lo_need + hf
             if cfg.window_mask:
               # Inside the masked window edge, the blocks past the sink blocks and wholly at or before the
               # warpgroup's first row need only the window compare (one compare and a select per score).
-              w0 = lax.min(lax.max(lo_need, i32(ns)), m0)
+              w0 = lax.min(lax.max(lo, i32(ns)), m0)
               w1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), w0), m0)
-              carry = lax.fori_loop(to_step(lo_need), to_step(w0), mask_step, carry)
+              carry = lax.fori_loop(to_step(lo), to_step(w0), mask_step, carry)
               carry = lax.fori_loop(to_step(w0), to_step(w1), functools.partial(compute_step, mask="window"),
                                     carry)
               carry = lax.fori_loop(to_step(w1), to_step(m0), mask_step, carry)
             else:
-              carry = lax.fori_loop(to_step(lo_need), to_step(m0), mask_step, carry)
+              carry = lax.fori_loop(to_step(lo), to_step(m0), mask_step, carry)
             return carry
 
           carry = (acc, m_i, l_i)
@@ -567,7 +590,14 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
           else:
             carry = sink_and_window_edge(carry)
           carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
-          carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
+          if halves:
+            # The last causal block's second half lies past every row's diagonal: compute its first half only.
+            hl = ((hi_wg > m1) & (bpos - (hi_wg - 1) * bkv < _HALF)).astype(jnp.int32)
+            carry = lax.fori_loop(to_step(m1), to_step(hi_wg) - hl, causal_step, carry)
+            carry = lax.fori_loop(to_step(hi_wg) - hl, to_step(hi_wg),
+                                  functools.partial(compute_step, mask="causal", half=0), carry)
+          else:
+            carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
           carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
           acc, m_i, l_i = carry
           if stage_out:
@@ -659,6 +689,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       # Interpreter only: P staged through SMEM (streaming and full heads' step widths).
       smem((2, bq, bkv_stream)) if interpret else None,
       smem((2, bq, bkv_full)) if interpret else None,
+      smem((2, bq, _HALF)) if interpret else None,
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=2 * q_bufs),
