@@ -24,7 +24,9 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   masked (left-edge blocks with no sink key and no key past the warpgroup's first row), causal-only masked
   (diagonal blocks) and skipped (steps that only the other warpgroup needs: it still waits on the slot's
   barriers so the barrier parities stay in step, and arrives on the consumed barriers). Masks compare a column
-  iota with per-row thresholds (1-4 compares and a select per score).
+  iota with per-row thresholds (1-4 compares and a select per score). With 128-key steps, a boundary block
+  whose visible keys all lie in one 64-key half for every row of the warpgroup (the last causal block of a
+  warpgroup that ends mid-block, a streaming window's first block) computes only that half (``half_steps``).
 * Scheduling: a ``(heads, B, q_tiles)`` grid, heads fastest. The query heads of one GQA group are adjacent, so
   CTAs that read the same K/V tiles run at the same time and share them through L2 (GQA groups are not folded
   into one CTA). Query tiles run in reverse order (largest causal tiles first) so the light tiles fill the
