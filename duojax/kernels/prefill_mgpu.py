@@ -358,10 +358,11 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       ns = _cdiv(sink, bkv)     # blocks holding sink keys
       nsf = sink // bkv         # blocks made only of sink keys
       # K/V slots: the first bkv rows of the ring's bkv_max-row slots (K slot s at s, V slot s at stages + s).
-      def k_slot(i):
-        return kv_smem.at[i] if bkv == bkv_max else kv_smem.at[i, pl.ds(0, bkv)]
+      def k_slot(i, start=0, rows=bkv):
+        """Rows ``[start, start + rows)`` of K slot ``i`` (default: the step's block)."""
+        return kv_smem.at[i] if (start, rows) == (0, bkv_max) else kv_smem.at[i, pl.ds(start, rows)]
 
-      v_slot = lambda slot: k_slot(stages + slot)
+      v_slot = lambda slot, start=0, rows=bkv: k_slot(stages + slot, start, rows)
 
       def schedule(q_head, qi):
         """The CTA's KV step schedule, shared by the producer and the consumers (traced int32 scalars)."""
@@ -478,12 +479,8 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             acc, m_i, l_i = carry
             slot = slot_of(t)
             bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
-            width = bkv if half is None else _HALF
-            if half is None:
-              k_ref_s, v_ref_s = k_slot(slot), v_slot(slot)
-            else:
-              k_ref_s = kv_smem.at[slot, pl.ds(half * _HALF, _HALF)]
-              v_ref_s = kv_smem.at[stages + slot, pl.ds(half * _HALF, _HALF)]
+            width, start = (bkv, 0) if half is None else (_HALF, half * _HALF)
+            k_ref_s, v_ref_s = k_slot(slot, start, width), v_slot(slot, start, width)
 
             def compute_qk(acc_ref):
               plgpu.wgmma(acc_ref, qo_smem, k_ref_s.T)
@@ -497,7 +494,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             if mask is not None:
               # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
               # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
-              k0 = block_of(t, sch) * bkv + (0 if half is None else half * _HALF)
+              k0 = block_of(t, sch) * bkv + start
               rowi = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
               last = rowi + (a - k0)
               cols = plgpu.broadcasted_iota(jnp.int32, (bq, width), 1, layout=plgpu.Layout.WGMMA)
@@ -610,7 +607,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
           acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
           o_smem = qo_smem
           if stage_out:
-            o_smem = kv_smem.at[wg, pl.ds(bkv, bq)]
+            o_smem = k_slot(wg, bkv, bq)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's output and lse stores
           o_smem[...] = acc.astype(dtype)
           lse_smem[...] = jnp.where(l_ok, m_i * _LN2 + jnp.log(jnp.where(l_ok, l_i, 1.0)), -jnp.inf)
