@@ -20,6 +20,7 @@ Run (GPU machine, repo root; tokamax wheels and tokamax_env.sh copied into .whl/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -86,6 +87,25 @@ def parse_config(text: str):
                      stream_fold=int(m.group(5)) if m.group(5) else 1)
 
 
+def parse_config_arg(text: str):
+  """A ``--configs`` entry: 'default' -> None (the kernel's own choice), 'default:row_fold=8,half_steps=0' ->
+  ``(text, overrides)`` (each layer kind's default blocks with those fields replaced; ints, 0/1 for bools),
+  anything else -> :func:`parse_config`."""
+  if text == "default":
+    return None
+  if text.startswith("default:"):
+    from duojax.kernels.prefill_mgpu import BlockConfig  # noqa: PLC0415
+    fields = {f.name: f.type for f in dataclasses.fields(BlockConfig)}
+    overrides = {}
+    for item in text.split(":", 1)[1].split(","):
+      name, _, value = item.partition("=")
+      if name not in fields or not value:
+        raise ValueError(f"bad override {item!r} in {text!r}; fields: {', '.join(fields)}")
+      overrides[name] = None if value == "none" else bool(int(value)) if fields[name] == "bool" else int(value)
+    return (text, overrides)
+  return parse_config(text)
+
+
 def config_name(c) -> str:
   return (f"{c.block_q}x{c.block_kv}x{c.stages}" + (f"-{c.full_block_kv}" if c.full_block_kv else "")
           + (f"f{c.stream_fold}" if c.stream_fold > 1 else "") + ("p" if c.persistent else "")
@@ -118,7 +138,7 @@ def main(argv=None):
   sink, window, bw = args.sink_size, args.recent_size, args.baseline_window
   nf_mix = int(round(Hkv * args.full_ratio))
   # None: the kernel's own choice (default blocks; persistent grid when every head is streaming).
-  configs = [None if c == "default" else parse_config(c) for c in args.configs] or [None]
+  configs = [parse_config_arg(c) for c in args.configs] or [None]
 
   try:
     import tokamax  # noqa: PLC0415
@@ -128,9 +148,12 @@ def main(argv=None):
 
   kernels = {}
   for cfg in configs:
-    tag = "" if cfg is None else f"[{config_name(cfg)}]"
+    tag = "" if cfg is None else f"[{cfg[0]}]" if isinstance(cfg, tuple) else f"[{config_name(cfg)}]"
 
     def duo(nf, cfg=cfg):
+      if isinstance(cfg, tuple):  # the default blocks of the layer's kind, with fields overridden
+        kind = "full" if nf == Hkv else "streaming" if nf == 0 else "duo"
+        cfg = dataclasses.replace(default_config(D, kind), **cfg[1])
       return jax.jit(lambda q, k, v: duo_prefill_mgpu(q, k, v, num_full_kv_heads=nf, sink=sink, window=window,
                                                       config=cfg)[0])
 
@@ -220,7 +243,7 @@ def main(argv=None):
               configs=[(f"default: {config_name(default_config(D, 'duo'))} (duo), "
                         f"{config_name(default_config(D, 'full'))} (full), "
                         f"{config_name(default_config(D, 'streaming'))} (streaming)")
-                       if c is None else config_name(c) for c in configs],
+                       if c is None else c[0] if isinstance(c, tuple) else config_name(c) for c in configs],
               tokamax=getattr(tokamax, "__version__", None) if tokamax else tokamax_err,
               timing=("median over num_iters samples of back-to-back jitted calls; samples taken round-robin "
                       "over the kernels of one shape"), argv=sys.argv[1:])

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from duojax.config import DuoSpec, LlamaConfig
@@ -165,6 +166,18 @@ def _ring_pos_after_write(ring_pos, lengths, sink: int, window: int):
   return ring_pos.at[jnp.arange(ring_pos.shape[0]), ring_slot(lengths, sink, window)].set(lengths)
 
 
+def _ring_write(ring, slot, new):
+  """``ring [B, R, ns, D]`` with ``new [B, 1, ns, D]`` written at slot ``slot[b]`` (always in ``[0, R)``).
+
+  One sequence: a ``dynamic_update_slice``, one in-place kernel. A scatter would be as correct, but XLA rewrites a
+  one-row scatter into a dynamic update slice guarded by an in-bounds test, which reads the old row in a second
+  kernel (any scatter mode: HLO scatters always skip out-of-bounds rows)."""
+  new = new.astype(ring.dtype)
+  if ring.shape[0] == 1:
+    return lax.dynamic_update_slice(ring, new, (0, slot[0], 0, 0))
+  return ring.at[jnp.arange(ring.shape[0]), slot].set(new[:, 0])
+
+
 def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: int, impl: str, ring_pos=None):
   """Attention for one new token per sequence at position ``lengths[b]``, and the new cache.
 
@@ -182,8 +195,8 @@ def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: in
   k_full = lc.k_full.at[rows, lengths].set(k[:, 0, :nf].astype(lc.k_full.dtype), mode="drop")
   v_full = lc.v_full.at[rows, lengths].set(v[:, 0, :nf].astype(lc.v_full.dtype), mode="drop")
   slot = ring_slot(lengths, sink, window)
-  k_ring = lc.k_ring.at[rows, slot].set(k[:, 0, nf:].astype(lc.k_ring.dtype))
-  v_ring = lc.v_ring.at[rows, slot].set(v[:, 0, nf:].astype(lc.v_ring.dtype))
+  k_ring = _ring_write(lc.k_ring, slot, k[:, :, nf:])
+  v_ring = _ring_write(lc.v_ring, slot, v[:, :, nf:])
   if ring_pos is None:
     ring_pos = _ring_pos_after_write(lc.ring_pos, lengths, sink, window)
   out = duo_decode_attention(q[:, 0], k_full, v_full, lengths + 1, k_ring, v_ring, ring_pos, sink=sink,

@@ -57,6 +57,17 @@ def test_chunked_prefill_then_decode_matches_one_pass(setup, chunk):
   assert sorted(np.asarray(cache.layers[0].ring_pos[0]).tolist()) == want_pos
 
 
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_single_sequence_matches_one_pass(setup, chunk):
+  """Batch 1 writes the ring with a dynamic_update_slice instead of a scatter (``cache._ring_write``)."""
+  model, tokens, want = setup
+  got, cache = run_chunked(model, tokens[:1], chunk, PROMPT)
+  assert rel_l2(got, want[:1]) <= 1e-5
+  want_pos = sorted(list(range(DUO.sink)) + list(range(S - DUO.window, S)))
+  for lc in cache.layers:
+    assert sorted(np.asarray(lc.ring_pos[0]).tolist()) == want_pos
+
+
 def test_padding_never_enters_the_ring(setup):
   """Sequence 1 has a shorter prompt; its padded tail must not evict real tokens from the ring."""
   model, tokens, _ = setup

@@ -118,11 +118,12 @@ def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, 
                 block_kv=block_kv, **kw)
 
 
-def _duo_kernel_body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scratch, *, L, R,
-                     nf, ns, block_kv, splits, **kw):
+def _duo_kernel_body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ret_ref, lse_ret_ref, o_str_ref,
+                     lse_str_ref, scratch, *, L, R, nf, ns, block_kv, splits, **kw):
   """Both caches in one launch, one CTA per unit of work: CTAs ``c < ns`` run streaming head ``nf + c`` over the
-  ring (first, so these short CTAs finish while the long ones stream), CTAs ``c >= ns`` run split
-  ``(c - ns) % splits`` of retrieval head ``(c - ns) // splits``. Output row ``c`` (split index 0)."""
+  ring (first, so these short CTAs finish while the long ones stream) and write ``o_str_ref[b, c, 0]``; CTAs
+  ``c >= ns`` run split ``sp = (c - ns) % splits`` of retrieval head ``h = (c - ns) // splits`` and write
+  ``o_ret_ref[b, h, sp]``. Two outputs, so the combine reads each kind's partials without a slice."""
   b = lax.axis_index("b")
   c = lax.axis_index("c")
   zero = jnp.int32(0)
@@ -133,12 +134,12 @@ def _duo_kernel_body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o
     sp = lax.rem(c - ns, jnp.int32(splits))
     length = jnp.minimum(len_ref[b], jnp.int32(L))
     start_blk, n = _split_range(length, sp, splits=splits, block_kv=block_kv)
-    _attend_split(q_ref, kf_ref, vf_ref, None, o_ref, lse_ref, scratch, b=b, kv_head=h, q_head=h, out_head=c,
-                  sp=zero, start_blk=start_blk, n=n, length=length, block_kv=block_kv, **kw)
+    _attend_split(q_ref, kf_ref, vf_ref, None, o_ret_ref, lse_ret_ref, scratch, b=b, kv_head=h, q_head=h,
+                  out_head=h, sp=sp, start_blk=start_blk, n=n, length=length, block_kv=block_kv, **kw)
 
   @pl.when(c < ns)
   def _streaming():
-    _attend_split(q_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scratch, b=b, kv_head=c, q_head=nf + c,
+    _attend_split(q_ref, kr_ref, vr_ref, bias_ref, o_str_ref, lse_str_ref, scratch, b=b, kv_head=c, q_head=nf + c,
                   out_head=c, sp=zero, start_blk=zero, n=jnp.int32(R // block_kv), length=None,
                   block_kv=block_kv, **kw)
 
@@ -378,20 +379,23 @@ def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, co
       _duo_kernel_body, L=L, R=R, nf=nf, ns=ns, D=D, dtype=dtype, block_kv=bk, num_stages=stages, splits=splits,
       scale_log2=float(scale) * LOG2E, fast=fast, q_rows=q_rows, out_rows=out_rows)
 
-  def entry(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, *scr):
-    body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ref, lse_ref, scr)
+  def entry(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ret_ref, lse_ret_ref, o_str_ref, lse_str_ref,
+            *scr):
+    body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ret_ref, lse_ret_ref, o_str_ref, lse_str_ref,
+         scr)
 
   C = ns + nf * splits
-  out_type = (jax.ShapeDtypeStruct((B, C, 1, out_rows, D), dtype),
-              jax.ShapeDtypeStruct((B, C, 1, ROWS), jnp.float32))
+  out_type = (jax.ShapeDtypeStruct((B, nf, splits, out_rows, D), dtype),
+              jax.ShapeDtypeStruct((B, nf, splits, ROWS), jnp.float32),
+              jax.ShapeDtypeStruct((B, ns, 1, out_rows, D), dtype),
+              jax.ShapeDtypeStruct((B, ns, 1, ROWS), jnp.float32))
   kwargs = {"interpret": interpret_params(1)} if interpret else {}
   call = plgpu.kernel(
       entry, out_type=out_type, scratch_types=scratch, grid=(C, B), grid_names=("c", "b"),
       compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)
-  o, lse = call(qp, k_full, v_full, lengths.astype(jnp.int32), k_ring, v_ring, bias.astype(jnp.float32))
-  o_ret = o[:, ns:].reshape(B, nf, splits, out_rows, D)
-  lse_ret = lse[:, ns:].reshape(B, nf, splits, ROWS)
-  return (o_ret, lse_ret), (o[:, :ns], lse[:, :ns])
+  o_ret, lse_ret, o_str, lse_str = call(qp, k_full, v_full, lengths.astype(jnp.int32), k_ring, v_ring,
+                                        bias.astype(jnp.float32))
+  return (o_ret, lse_ret), (o_str, lse_str)
 
 
 def combine_partials(o, lse2, G: int):
