@@ -178,6 +178,23 @@ def _ring_write(ring, slot, new):
   return ring.at[jnp.arange(ring.shape[0]), slot].set(new[:, 0])
 
 
+def _full_write(cache, pos, new):
+  """``cache [B, L, nf, D]`` with ``new [B, 1, nf, D]`` written at row ``pos[b]``; dropped where ``pos[b] >= L``
+  (a full cache keeps its last row).
+
+  In place inside the decode loop. Batch > 1: a scatter of one row per sequence (a vmapped dynamic_update_slice
+  lowers to a select over the whole cache, a full read and write of it every step). Batch 1: the drop is
+  spelled as a dynamic_slice and a dynamic_update_slice at the same clamped row, which XLA can fuse into one
+  in-place kernel (the scatter became two: the old row's read, then the update)."""
+  new = new.astype(cache.dtype)
+  B, L = cache.shape[:2]
+  if B == 1:
+    row = jnp.minimum(pos[0], L - 1)
+    old = lax.dynamic_slice(cache, (0, row, 0, 0), new.shape)
+    return lax.dynamic_update_slice(cache, jnp.where(pos[0] < L, new, old), (0, row, 0, 0))
+  return cache.at[jnp.arange(B), pos].set(new[:, 0], mode="drop")
+
+
 def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: int, impl: str, ring_pos=None):
   """Attention for one new token per sequence at position ``lengths[b]``, and the new cache.
 
@@ -189,11 +206,8 @@ def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: in
   from duojax.kernels.decode import duo_decode_attention
   q, k, v, nf, inv = _split_heads(q, k, v, full)
   B = q.shape[0]
-  rows = jnp.arange(B)
-  # A scatter of one row per sequence: updated in place inside the decode loop (a vmapped dynamic_update_slice
-  # lowers to a select over the whole cache, i.e. a full read and write of it every step).
-  k_full = lc.k_full.at[rows, lengths].set(k[:, 0, :nf].astype(lc.k_full.dtype), mode="drop")
-  v_full = lc.v_full.at[rows, lengths].set(v[:, 0, :nf].astype(lc.v_full.dtype), mode="drop")
+  k_full = _full_write(lc.k_full, lengths, k[:, :, :nf])
+  v_full = _full_write(lc.v_full, lengths, v[:, :, :nf])
   slot = ring_slot(lengths, sink, window)
   k_ring = _ring_write(lc.k_ring, slot, k[:, :, nf:])
   v_ring = _ring_write(lc.v_ring, slot, v[:, :, nf:])

@@ -90,15 +90,17 @@ def test_streaming_memory_is_constant_in_context():
   assert large["retrieval"] == 16 * small["retrieval"]
 
 
-def test_decode_into_a_full_cache_stores_nothing(setup):
+@pytest.mark.parametrize("B", [1, 2])  # batch 1 writes with a dynamic_update_slice, batch 2 with a scatter
+def test_decode_into_a_full_cache_stores_nothing(setup, B):
   """A sequence whose retrieval cache is full (``lengths == max_len``) still gets logits, but its token is dropped:
   the cache's last position is not overwritten."""
   model, tokens, _ = setup
   L = 64
-  cache = init_cache(CFG, DUO, 2, L, jnp.float32)
-  valid = jnp.full((2,), L, jnp.int32)
+  tokens = tokens[:B]
+  cache = init_cache(CFG, DUO, B, L, jnp.float32)
+  valid = jnp.full((B,), L, jnp.int32)
   _, full = prefill_chunk(model, tokens[:, :L], cache, start=0, valid_len=valid, impl="reference")
-  np.testing.assert_array_equal(np.asarray(full.lengths), [L, L])
+  np.testing.assert_array_equal(np.asarray(full.lengths), [L] * B)
   logits, after = decode(model, tokens[:, L], full, impl="reference")
   assert np.isfinite(np.asarray(logits)).all()
   for lc0, lc1 in zip(full.layers, after.layers):
