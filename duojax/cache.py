@@ -205,7 +205,6 @@ def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: in
   """
   from duojax.kernels.decode import duo_decode_attention
   q, k, v, nf, inv = _split_heads(q, k, v, full)
-  B = q.shape[0]
   k_full = _full_write(lc.k_full, lengths, k[:, :, :nf])
   v_full = _full_write(lc.v_full, lengths, v[:, :, :nf])
   slot = ring_slot(lengths, sink, window)
