@@ -166,33 +166,26 @@ def _ring_pos_after_write(ring_pos, lengths, sink: int, window: int):
   return ring_pos.at[jnp.arange(ring_pos.shape[0]), ring_slot(lengths, sink, window)].set(lengths)
 
 
-def _ring_write(ring, slot, new):
-  """``ring [B, R, ns, D]`` with ``new [B, 1, ns, D]`` written at slot ``slot[b]`` (always in ``[0, R)``).
+def _write_row(cache, pos, new, *, may_overflow: bool):
+  """``cache [B, N, h, D]`` with ``new [B, 1, h, D]`` written at row ``pos[b]``, in place inside the decode loop.
 
-  One sequence: a ``dynamic_update_slice``, one in-place kernel. A scatter would be as correct, but XLA rewrites a
-  one-row scatter into a dynamic update slice guarded by an in-bounds test, which reads the old row in a second
-  kernel (any scatter mode: HLO scatters always skip out-of-bounds rows)."""
-  new = new.astype(ring.dtype)
-  if ring.shape[0] == 1:
-    return lax.dynamic_update_slice(ring, new, (0, slot[0], 0, 0))
-  return ring.at[jnp.arange(ring.shape[0]), slot].set(new[:, 0])
+  ``may_overflow``: ``pos[b]`` can reach ``N`` (a full retrieval cache); such a write is dropped and the cache
+  keeps its last row. Otherwise ``pos`` is always in ``[0, N)`` (ring slots).
 
-
-def _full_write(cache, pos, new):
-  """``cache [B, L, nf, D]`` with ``new [B, 1, nf, D]`` written at row ``pos[b]``; dropped where ``pos[b] >= L``
-  (a full cache keeps its last row).
-
-  In place inside the decode loop. Batch > 1: a scatter of one row per sequence (a vmapped dynamic_update_slice
-  lowers to a select over the whole cache, a full read and write of it every step). Batch 1: the drop is
-  spelled as a dynamic_slice and a dynamic_update_slice at the same clamped row, which XLA can fuse into one
-  in-place kernel (the scatter became two: the old row's read, then the update)."""
+  Batch > 1: a scatter of one row per sequence (a vmapped dynamic_update_slice lowers to a select over the whole
+  cache, a full read and write of it every step). Batch 1: dynamic slices, one in-place kernel each. XLA turns a
+  one-row scatter into an update guarded by an in-bounds test that reads the old row in a second kernel, whatever
+  the scatter mode (HLO scatters always skip out-of-bounds rows); the drop is spelled instead as a dynamic_slice
+  and a dynamic_update_slice at one clamped row, which XLA fuses into one kernel."""
   new = new.astype(cache.dtype)
-  B, L = cache.shape[:2]
-  if B == 1:
-    row = jnp.minimum(pos[0], L - 1)
-    old = lax.dynamic_slice(cache, (0, row, 0, 0), new.shape)
-    return lax.dynamic_update_slice(cache, jnp.where(pos[0] < L, new, old), (0, row, 0, 0))
-  return cache.at[jnp.arange(B), pos].set(new[:, 0], mode="drop")
+  B, N = cache.shape[:2]
+  if B > 1:
+    return cache.at[jnp.arange(B), pos].set(new[:, 0], mode="drop")
+  if not may_overflow:
+    return lax.dynamic_update_slice(cache, new, (0, pos[0], 0, 0))
+  row = jnp.minimum(pos[0], N - 1)
+  old = lax.dynamic_slice(cache, (0, row, 0, 0), new.shape)
+  return lax.dynamic_update_slice(cache, jnp.where(pos[0] < N, new, old), (0, row, 0, 0))
 
 
 def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: int, impl: str, ring_pos=None):
@@ -205,11 +198,11 @@ def decode_step(q, k, v, lc: LayerCache, *, full, lengths, sink: int, window: in
   """
   from duojax.kernels.decode import duo_decode_attention
   q, k, v, nf, inv = _split_heads(q, k, v, full)
-  k_full = _full_write(lc.k_full, lengths, k[:, :, :nf])
-  v_full = _full_write(lc.v_full, lengths, v[:, :, :nf])
+  k_full = _write_row(lc.k_full, lengths, k[:, :, :nf], may_overflow=True)
+  v_full = _write_row(lc.v_full, lengths, v[:, :, :nf], may_overflow=True)
   slot = ring_slot(lengths, sink, window)
-  k_ring = _ring_write(lc.k_ring, slot, k[:, :, nf:])
-  v_ring = _ring_write(lc.v_ring, slot, v[:, :, nf:])
+  k_ring = _write_row(lc.k_ring, slot, k[:, :, nf:], may_overflow=False)
+  v_ring = _write_row(lc.v_ring, slot, v[:, :, nf:], may_overflow=False)
   if ring_pos is None:
     ring_pos = _ring_pos_after_write(lc.ring_pos, lengths, sink, window)
   out = duo_decode_attention(q[:, 0], k_full, v_full, lengths + 1, k_ring, v_ring, ring_pos, sink=sink,

@@ -59,7 +59,7 @@ def test_chunked_prefill_then_decode_matches_one_pass(setup, chunk):
 
 @pytest.mark.parametrize("chunk", [0, 7])
 def test_single_sequence_matches_one_pass(setup, chunk):
-  """Batch 1 writes the ring with a dynamic_update_slice instead of a scatter (``cache._ring_write``)."""
+  """Batch 1 writes the caches with dynamic slices instead of scatters (``cache._write_row``)."""
   model, tokens, want = setup
   got, cache = run_chunked(model, tokens[:1], chunk, PROMPT)
   assert rel_l2(got, want[:1]) <= 1e-5
