@@ -10,7 +10,8 @@ edges and 256 random rows), blocked over rows to keep memory small. Pass: rel L2
 max |lse - lse_ref| <= 1e-2 on every case.
 
 Writes JSON to $OUT (if set) and benchmarks/results/prefill_correctness_<gpu>.json.
-Run: PYTHONPATH=. python3 benchmarks/gpu_prefill_check.py [--quick] [--config 64x128x2p | --config default:field=value,...]
+Run: PYTHONPATH=. python3 benchmarks/gpu_prefill_check.py [--quick] [--config 64x128x2p]
+(``--config default:field=value,...``: every layer kind's default blocks at head_dim 128 with those fields set.)
 (``--impl interpret --cases NAME`` runs one case through the CPU interpreter as a smoke test.)
 """
 
