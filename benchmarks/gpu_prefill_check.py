@@ -144,24 +144,28 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.impl == "interpret":
     use_synchronous_cpu_dispatch()  # the Mosaic-GPU interpreter can hang under asynchronous CPU dispatch
-  if args.config and args.config.startswith("default:"):
-    # Every layer kind's default blocks with fields overridden, e.g. default:half_steps=0,stream_fold=8.
+  if args.config:
+    # At head_dim 128: a block config (the other head dims keep their block sizes and take its flags), or
+    # default:field=value,... (each layer kind's default blocks with those fields set, e.g.
+    # default:half_steps=0,stream_fold=8; the other head dims keep their defaults, whose SMEM may have no room
+    # for what the overrides ask).
     from benchmarks.bench_attention import parse_config_arg  # noqa: PLC0415
     from duojax.kernels import prefill_mgpu  # noqa: PLC0415
-    overrides = parse_config_arg(args.config)[1]
+    cfg = parse_config_arg(args.config)
     orig = prefill_mgpu.default_config
-    # At head_dim 128 only (as bench_attention.py times it); the other head dims keep their defaults, whose SMEM
-    # may have no room for what the overrides ask.
-    prefill_mgpu.default_config = lambda hd, heads="duo": (
-        dataclasses.replace(orig(hd, heads), **overrides) if hd == 128 else orig(hd, heads))
-  elif args.config:
-    from benchmarks.bench_attention import parse_config  # noqa: PLC0415
-    from duojax.kernels import prefill_mgpu  # noqa: PLC0415
-    cfg = parse_config(args.config)
-    orig = prefill_mgpu.default_config
-    # The block sizes apply to head_dim 128; other head dims keep their block sizes and take the flags.
-    prefill_mgpu.default_config = lambda hd, heads="duo": cfg if hd == 128 else dataclasses.replace(
-        cfg, **{f: getattr(orig(hd, heads), f) for f in ("block_q", "block_kv", "stages", "full_block_kv")})
+
+    def config_for(hd, heads="duo"):
+      default = orig(hd, heads)
+      if cfg is None or (isinstance(cfg, tuple) and hd != 128):
+        return default
+      if isinstance(cfg, tuple):
+        return dataclasses.replace(default, **cfg[1])
+      if hd == 128:
+        return cfg
+      return dataclasses.replace(
+          cfg, **{f: getattr(default, f) for f in ("block_q", "block_kv", "stages", "full_block_kv")})
+
+    prefill_mgpu.default_config = config_for
   cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and (args.cases is None or c[0] in args.cases)]
   results = []
   for i, case in enumerate(cases):
