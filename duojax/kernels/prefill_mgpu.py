@@ -108,11 +108,6 @@ class BlockConfig:
   # 128-key steps whose visible keys all lie in one 64-key half for every row of the warpgroup (the last
   # causal block, a streaming window's first block) compute only that half (QK^T and PV with N/K = 64).
   half_steps: bool = True
-  # Streaming heads' steps with FA3's intra-warpgroup overlap: QK^T of block t and PV of block t-1 are issued in
-  # one ping-pong turn and block t's softmax runs while that PV is in flight (half steps are not used there).
-  stream_overlap: bool = False
-  # With stream_overlap: the compute warpgroups take turns issuing their wgmmas (FA3's ping-pong).
-  stream_turns: bool = True
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_kv % 64 or (self.full_block_kv or 64) % 64:
@@ -302,7 +297,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
     return [(x < nfq, full_plan), (x >= nfq, stream_plan)]
 
   def body(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem3, kv_smem, lse_smem2, p_smem_stream,
-           p_smem_full, p_smem_half, k_bar, v_bar, q_bar, k_cons, v_cons, sched_bar, turn_bar):
+           p_smem_full, p_smem_half, k_bar, v_bar, q_bar, k_cons, v_cons, sched_bar):
     wg = lax.axis_index("wg")
 
     def sched_sync():
@@ -453,17 +448,9 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             mlo = lax.div(lax.max(bpos - window, i32(-1)) + bkv, i32(bkv))
             m0 = lax.min(lax.max(mlo, lo_need), hi_wg)
           m1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), m0), hi_wg)
-          overlap = cfg.stream_overlap and not full
-          if overlap:
-            # The overlapped steps need a nonempty window part (they always have one, except a warpgroup whose
-            # rows are all padding past the last key block): widen it by one fully masked step if not.
-            hi_ov = lax.min(lax.max(hi_wg, lo_need + 1), sch["hi_cta"])
-            lo_ov = lax.min(lo_need, hi_ov - 1)
-            hi_step = to_step(hi_ov)
           if stage_out:
             # This warpgroup's last QK^T step: the window part's last step, else the sink part's (-1: none).
-            last_qk = (hi_step - 1 if overlap else
-                       jnp.where(hi_wg > lo_need, to_step(hi_wg) - 1, s_cta - 1))
+            last_qk = jnp.where(hi_wg > lo_need, to_step(hi_wg) - 1, s_cta - 1)
             prefetch_q = lambda: pl.when(j + 1 < plan.n_my)(lambda: issue_q(j + 1, 0))
           window_eff = _FULL_WINDOW if full else window
 
@@ -471,13 +458,11 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
           l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
           acc = plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-          # Streaming heads with intra-warpgroup overlap wait on each step's K and V barriers in the step itself.
-          if not overlap:
-            @pl.when(n_cta > 0)
-            def _():
-              plgpu.barrier_wait(k_bar.at[slot_of(0)])
+          @pl.when(n_cta > 0)
+          def _():
+            plgpu.barrier_wait(k_bar.at[slot_of(0)])
 
-            sched_start()
+          sched_start()
 
           def skip_step(t, carry):
             slot = slot_of(t)
@@ -487,34 +472,6 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             wait_next_k(t)
             release_v(slot)
             return carry
-
-          def scores_softmax(s, t, m_i, mask: str | None, start: int = 0):
-            """Masks step t's scores ``s [bq, width]`` (keys from ``start`` in the step's block; mask None,
-            "causal", "window" or "full" = causal & (sink | window)) and runs the online-softmax update from the
-            running base-2 max ``m_i``: returns ``(m_new, p, alpha)``."""
-            bcast = lambda x: lax.broadcast_in_dim(x, s.shape, [0])
-            if mask is not None:
-              # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
-              # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
-              k0 = block_of(t, sch) * bkv + start
-              rowi = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
-              last = rowi + (a - k0)
-              cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-              if mask == "window":  # no sink key in the block and every key <= the warpgroup's first row
-                vis = cols > bcast(last - window_eff)
-              else:
-                vis = cols <= bcast(last)
-              if mask == "full":
-                vis = vis & ((cols < sink - k0) | (cols > bcast(last - window_eff)))
-              s = jnp.where(vis, s, -jnp.inf)
-              m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-              m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen nothing yet
-            else:
-              m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-              m_use = m_new
-            alpha = jnp.exp2(m_i - m_use)
-            p = jnp.exp2(s * c2 - bcast(m_use))
-            return m_new, p, alpha
 
           def compute_step(t, carry, mask: str | None, half: int | None = None):
             """One KV step; ``half`` (0 or 1): only that 64-key half of the 128-key block (the other half is
@@ -534,7 +491,27 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
             release_k(slot)
             if stage_out:  # the Q buffer is free after the tile's last QK^T
               pl.when(t == last_qk)(prefetch_q)
-            m_new, p, alpha = scores_softmax(s, t, m_i, mask, start)
+            if mask is not None:
+              # Per-row thresholds in block-local key coordinates: key column c (position k0 + c) is causal
+              # for row r iff c <= last[r]; inside the window iff c > last[r] - window; a sink iff c < sink - k0.
+              k0 = block_of(t, sch) * bkv + start
+              rowi = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+              last = rowi + (a - k0)
+              cols = plgpu.broadcasted_iota(jnp.int32, (bq, width), 1, layout=plgpu.Layout.WGMMA)
+              if mask == "window":  # no sink key in the block and every key <= the warpgroup's first row
+                vis = cols > bcast(last - window_eff, s.shape)
+              else:
+                vis = cols <= bcast(last, s.shape)
+              if mask == "full":
+                vis = vis & ((cols < sink - k0) | (cols > bcast(last - window_eff, s.shape)))
+              s = jnp.where(vis, s, -jnp.inf)
+              m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+              m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            else:
+              m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+              m_use = m_new
+            alpha = jnp.exp2(m_i - m_use)
+            p = jnp.exp2(s * c2 - bcast(m_use, s.shape))
             acc = acc * bcast(alpha, acc.shape)
             l_i = l_i * alpha
             p16 = p.astype(dtype)
@@ -605,196 +582,22 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
               carry = lax.fori_loop(to_step(lo), to_step(m0), mask_step, carry)
             return carry
 
-          def overlapped_stream_steps(carry):
-            """A streaming warpgroup's steps with FA3's intra-warpgroup overlap.
-
-            The computed steps form one run: the first (the peel) computes S and P of its block; every further
-            step t issues QK^T of block t and PV of the previous computed block in one ping-pong turn, reads S
-            as soon as its wgmma is done and runs block t's softmax while that PV is in flight (O is rescaled
-            once it has landed); the flush issues the last PV. Steps before the run (a window that reaches the
-            sink leaves none) and after it (blocks only the other warpgroup needs) are skipped; steps between
-            the sink and the window part are computed with the full mask (a skipped step there would wait for a
-            V slot that the pending PV still holds). Each step takes one turn and the flush one more, so both
-            warpgroups take ``n_cta + 1`` turns per tile. Turn protocol (a token passed between the
-            warpgroups): warpgroup 0 starts each tile holding it; a turn begins by waiting for the token
-            (except warpgroup 0's first and warpgroup 1's last) and ends by passing it on (except the last).
-            So the two barriers see arrivals and waits alternate, also across the tiles of a looped CTA."""
-            acc, m_i, l_i = carry
-            n_turns = n_cta + 1
-            # This warpgroup's Q buffer through a traced index: pl.run_state hoists its closure into refs, and a
-            # Python-int index there becomes a literal that the Mosaic-GPU lowering cannot write back.
-            q_in = q_smem3.at[buf if n_qbuf == 2 else wg * 0, wg]
-            ones = plgpu.layout_cast(jnp.full((bq,), 1.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            bc = lambda x, y: lax.broadcast_in_dim(x, y.shape, [0])
-
-            def turn_begin(turn):
-              if not cfg.stream_turns:
-                return
-              go = ((wg == 0) & (turn > 1)) | ((wg == 1) & (turn < n_turns))
-              if named:
-                pl.when(go)(lambda: _named_barrier("sync", _SCHED_BAR + wg))
-              else:
-                pl.when(go)(lambda: plgpu.barrier_wait(turn_bar.at[wg]))
-
-            def turn_end(turn):
-              if not cfg.stream_turns:
-                return
-              go = turn < n_turns
-              if named:
-                pl.when(go)(lambda: _named_barrier("arrive", _SCHED_BAR + 1 - wg))
-              else:
-                pl.when(go)(lambda: plgpu.barrier_arrive(turn_bar.at[1 - wg]))
-
-            def stage_p(p16):  # interpreter: P through SMEM (no register-operand wgmma there)
-              p_smem = p_smem_stream.at[wg]
-              p_smem[...] = p16
-              plgpu.commit_smem()
-              return p_smem
-
-            def skip(t, carry, trailing):
-              slot = slot_of(t)
-              turn = t + (2 if trailing else 1)
-              turn_begin(turn)
-              plgpu.barrier_wait(k_bar.at[slot])
-              release_k(slot)
-              plgpu.barrier_wait(v_bar.at[slot])
-              release_v(slot)
-              turn_end(turn)
-              return carry
-
-            def after_qk(t):
-              if stage_out:  # the Q buffer is free after the tile's last QK^T
-                pl.when(t == last_qk)(prefetch_q)
-
-            def peel(t, acc, m_i, l_i):
-              slot = slot_of(t)
-              plgpu.barrier_wait(k_bar.at[slot])
-              turn_begin(t + 1)
-
-              def qk(s_ref):
-                plgpu.wgmma(s_ref, q_in, k_slot(slot).T)
-                turn_end(t + 1)
-                return s_ref[...]
-
-              s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-              release_k(slot)
-              after_qk(t)
-              m_new, p, _ = scores_softmax(s, t, m_i, "full")  # exact for any block; acc is still zero
-              return acc, m_new, p.sum(axis=1), p.astype(dtype), slot
-
-            def steady(t, carry, mask):
-              acc, m_i, l_i, p_prev, pslot = carry
-              slot = slot_of(t)
-              plgpu.barrier_wait(k_bar.at[slot])  # before the turn: a wait never holds the other warpgroup up
-              plgpu.barrier_wait(v_bar.at[pslot])
-              turn_begin(t + 1)
-              if interpret:
-                p_smem = stage_p(p_prev)
-
-                def qk_pv(s_ref, o_ref):
-                  plgpu.wgmma(s_ref, q_in, k_slot(slot).T)
-                  plgpu.wgmma(o_ref, p_smem, v_slot(pslot))
-                  turn_end(t + 1)
-                  return s_ref[...], o_ref[...]
-
-                s, pv = pl.run_scoped(qk_pv, plgpu.ACC((bq, bkv), jnp.float32), plgpu.ACC((bq, D), jnp.float32))
-                release_k(slot)
-                after_qk(t)
-                m_new, p, alpha = scores_softmax(s, t, m_i, mask)
-                l_i = l_i * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                acc = acc + pv
-              else:
-                def qk_pv(refs):
-                  o_ref, m_ref, l_ref, p_ref, a_ref = refs
-
-                  def qk(s_ref):
-                    plgpu.wgmma(s_ref, q_in, k_slot(slot).T)
-                    plgpu.wgmma(o_ref, p_prev, v_slot(pslot))
-                    turn_end(t + 1)
-                    return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S only; the PV stays in flight
-
-                  s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-                  release_k(slot)
-                  after_qk(t)
-                  m_new, p, alpha = scores_softmax(s, t, m_ref[...], mask)
-                  l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
-                  m_ref[...] = m_new
-                  a_ref[...] = alpha
-                  # The new P overwrites registers of the PV's operand: wait for that PV first (ptxas otherwise
-                  # serializes every wgmma of the kernel: "non wgmma instructions defining input registers").
-                  plgpu.wgmma_wait(0)
-                  p_ref[...] = p.astype(dtype)
-
-                acc, m_new, l_i, p16, alpha = pl.run_state(qk_pv)((plgpu.ACC.init(acc), m_i, l_i, p_prev, ones))
-              release_v(pslot)
-              return acc * bc(alpha, acc), m_new, l_i, p16, slot
-
-            def flush(carry):
-              acc, m_i, l_i, p_prev, pslot = carry
-              turn = hi_step + 1
-              plgpu.barrier_wait(v_bar.at[pslot])
-              turn_begin(turn)
-              if interpret:
-                p_smem = stage_p(p_prev)
-
-                def pv(o_ref):
-                  plgpu.wgmma(o_ref, p_smem, v_slot(pslot))
-                  turn_end(turn)
-                  return o_ref[...]
-
-                acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
-              else:
-                def pv(o_ref):
-                  plgpu.wgmma(o_ref, p_prev, v_slot(pslot))
-                  turn_end(turn)
-
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-              release_v(pslot)
-              return acc, m_i, l_i
-
-            seg_sink_nomask = lax.min(s_cta, i32(nsf))
-            lo_step = to_step(lo_ov)
-            lead_end = jnp.where(s_cta > 0, i32(0), lo_step)  # no sink part: skip up to the window
-            lax.fori_loop(i32(0), lead_end, functools.partial(skip, trailing=False), None)
-            carry = peel(lead_end, acc, m_i, l_i)
-            steady_seg = lambda lo, hi, mask, c: lax.fori_loop(lo, hi, functools.partial(steady, mask=mask), c)
-            # Sink part (its first step was the peel), then the gap to the window (computed, fully masked).
-            carry = steady_seg(i32(1), seg_sink_nomask, None, carry)
-            carry = steady_seg(lax.max(seg_sink_nomask, i32(1)), s_cta, "full", carry)
+          carry = (acc, m_i, l_i)
+          if full:  # no sink or window segments to compile (m0 = 0)
             if n_qbuf == 2 and cfg.defer_q_prefetch:
               prefetch_next_q()
-            carry = steady_seg(s_cta, jnp.where(s_cta > 0, lo_step, s_cta), "full", carry)
-            # Window part from its first step not yet computed.
-            ws = lax.max(lo_step, lead_end + 1)
-            w0 = lax.min(lax.max(lo_ov, i32(ns)), m0)
-            w1 = lax.min(lax.max(lax.div(a + 1, i32(bkv)), w0), m0)
-            for seg_lo, seg_hi, mask in ((lo_ov, w0, "full"), (w0, w1, "window" if cfg.window_mask else "full"),
-                                         (w1, m0, "full"), (m0, m1, None), (m1, hi_ov, "causal")):
-              carry = steady_seg(lax.max(to_step(seg_lo), ws), to_step(seg_hi), mask, carry)
-            acc, m_i, l_i = flush(carry)
-            lax.fori_loop(hi_step, n_cta, functools.partial(skip, trailing=True), None)
-            return acc, m_i, l_i
-
-          carry = (acc, m_i, l_i)
-          if overlap:
-            carry = overlapped_stream_steps(carry)
           else:
-            if full:  # no sink or window segments to compile (m0 = 0)
-              if n_qbuf == 2 and cfg.defer_q_prefetch:
-                prefetch_next_q()
-            else:
-              carry = sink_and_window_edge(carry)
-            carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
-            if halves:
-              # The last causal block's second half lies past every row's diagonal: compute its first half only.
-              hl = ((hi_wg > m1) & (bpos - (hi_wg - 1) * bkv < _HALF)).astype(jnp.int32)
-              carry = lax.fori_loop(to_step(m1), to_step(hi_wg) - hl, causal_step, carry)
-              carry = lax.fori_loop(to_step(hi_wg) - hl, to_step(hi_wg),
-                                    functools.partial(compute_step, mask="causal", half=0), carry)
-            else:
-              carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
-            carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
+            carry = sink_and_window_edge(carry)
+          carry = lax.fori_loop(to_step(m0), to_step(m1), nomask_step, carry)
+          if halves:
+            # The last causal block's second half lies past every row's diagonal: compute its first half only.
+            hl = ((hi_wg > m1) & (bpos - (hi_wg - 1) * bkv < _HALF)).astype(jnp.int32)
+            carry = lax.fori_loop(to_step(m1), to_step(hi_wg) - hl, causal_step, carry)
+            carry = lax.fori_loop(to_step(hi_wg) - hl, to_step(hi_wg),
+                                  functools.partial(compute_step, mask="causal", half=0), carry)
+          else:
+            carry = lax.fori_loop(to_step(m1), to_step(hi_wg), causal_step, carry)
+          carry = lax.fori_loop(to_step(hi_wg), n_cta, skip_step, carry)
           acc, m_i, l_i = carry
           if stage_out:
             pl.when(last_qk < 0)(prefetch_q)  # a tile whose rows of this warpgroup see no key
@@ -892,8 +695,6 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2),
-      # Interpreter, streaming overlap: the turn protocol's per-warpgroup barriers (named barriers on the GPU).
-      plgpu.Barrier(num_barriers=2) if (cfg.stream_overlap and not named) else None,
   ]
   out_type = (jax.ShapeDtypeStruct((B, sq_in, Hq, D), dtype),
               jax.ShapeDtypeStruct((B, Hq, sq_pad), jnp.float32))
