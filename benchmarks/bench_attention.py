@@ -130,7 +130,7 @@ def gpu_name() -> str:
 
 def main(argv=None):
   args = parse_args(argv)
-  from duojax.kernels.prefill_mgpu import default_config, duo_prefill_mgpu
+  from duojax.kernels.prefill_mgpu import default_config, duo_prefill_mgpu, layer_kind
 
   H, D = args.num_heads, args.head_dim
   Hkv = args.num_kv_heads or H
@@ -152,8 +152,7 @@ def main(argv=None):
 
     def duo(nf, cfg=cfg):
       if isinstance(cfg, tuple):  # the default blocks of the layer's kind, with fields overridden
-        kind = "full" if nf == Hkv else "streaming" if nf == 0 else "duo"
-        cfg = dataclasses.replace(default_config(D, kind), **cfg[1])
+        cfg = dataclasses.replace(default_config(D, layer_kind(nf, Hkv)), **cfg[1])
       return jax.jit(lambda q, k, v: duo_prefill_mgpu(q, k, v, num_full_kv_heads=nf, sink=sink, window=window,
                                                       config=cfg)[0])
 

@@ -13,6 +13,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from duojax.kernels.prefill_mgpu import layer_kind  # the kind rule of the shipped kernel (any file's blocks)
+
 
 def main() -> None:
   path, nf = sys.argv[1], int(sys.argv[2])
@@ -21,8 +23,7 @@ def main() -> None:
   mod = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = mod
   spec.loader.exec_module(mod)
-  kinds = "streaming" if nf == 0 else "full" if nf == 32 else "duo"
-  cfg = None if overrides is None else dataclasses.replace(mod.default_config(128, kinds), **overrides)
+  cfg = None if overrides is None else dataclasses.replace(mod.default_config(128, layer_kind(nf, 32)), **overrides)
   x = jax.ShapeDtypeStruct((1, 16384, 32, 128), jnp.bfloat16)
   fn = lambda q, k, v: mod.duo_prefill_mgpu(q, k, v, num_full_kv_heads=nf, sink=128, window=256, config=cfg)
   jax.jit(fn).lower(x, x, x).compile()

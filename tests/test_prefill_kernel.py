@@ -143,7 +143,8 @@ def test_bad_arguments(bad, match):
 def test_default_config_by_layer_kind():
   """All-full layers at head_dim 128 step over 192 keys (SMEM fits only without the reduction scratch), duo
   layers over 128, all-streaming layers run the persistent grid; other head dims keep their blocks."""
-  from duojax.kernels.prefill_mgpu import default_config  # noqa: PLC0415
+  from duojax.kernels.prefill_mgpu import default_config, layer_kind  # noqa: PLC0415
+  assert [layer_kind(nf, 4) for nf in (0, 1, 3, 4)] == ["streaming", "duo", "duo", "full"]
   full, duo, stream = (default_config(128, h) for h in ("full", "duo", "streaming"))
   assert (full.block_kv, full.reduction_scratch_bytes, full.no_auto_barriers, full.persistent) == (192, 0, True, False)
   assert (duo.block_kv, duo.full_block_kv, duo.stream_fold, duo.persistent) == (128, 192, 4, False)

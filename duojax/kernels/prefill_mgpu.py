@@ -70,7 +70,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from duojax.kernels.interpret import interpret_params
 
-__all__ = ["BlockConfig", "default_config", "duo_prefill_mgpu"]
+__all__ = ["BlockConfig", "default_config", "duo_prefill_mgpu", "layer_kind"]
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -118,6 +118,13 @@ class BlockConfig:
       raise ValueError(f"stream_fold must be >= 1; got {self}")
     if self.stages < 2:
       raise ValueError(f"stages must be >= 2; got {self}")
+
+
+def layer_kind(num_full_kv_heads: int, num_kv_heads: int) -> str:
+  """A layer's kind for :func:`default_config`: "streaming" (no full KV head), "full" (every KV head) or "duo"."""
+  if num_full_kv_heads == 0:
+    return "streaming"
+  return "full" if num_full_kv_heads == num_kv_heads else "duo"
 
 
 def default_config(head_dim: int, heads: str = "duo") -> BlockConfig:
@@ -218,7 +225,7 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   G = Hq // Hkv
   dtype = q.dtype
   nf = num_full_kv_heads
-  kinds = "streaming" if nf == 0 else "full" if nf == Hkv else "duo"
+  kinds = layer_kind(nf, Hkv)
   cfg = default_config(D, kinds) if config is None else config
   if cfg.persistent and kinds == "duo":
     raise ValueError("a persistent grid serves layers of one head kind (num_full_kv_heads 0 or all); duo layers "
