@@ -45,32 +45,39 @@ def main() -> None:
   ap.add_argument("--shapes", nargs="*", default=["llama2-duo25"], choices=sorted(SHAPES))
   ap.add_argument("--ctas-per-sm", nargs="*", type=int, default=None,
                   help="only sweep 64-row blocks with these CTAs per SM (2 stages for 2+, 4 for 1)")
+  ap.add_argument("--other-ctas", nargs="*", type=int, default=None,
+                  help="only sweep the default 64-row blocks with the split count chosen for this many streaming "
+                       "CTAs sharing the wave (pick_config's other_ctas; the default passes the streaming CTAs)")
   args = ap.parse_args()
   out_dir = pathlib.Path(os.environ.get("OUT") or "benchmarks/results")
   all_rows = []
   for shape in args.shapes:
-    all_rows += sweep(shape, args.ctas_per_sm)
+    all_rows += sweep(shape, args.ctas_per_sm, args.other_ctas)
   dev = jax.devices()[0]
   res = dict(device=dev.device_kind, jax_version=jax.__version__,
              date=datetime.datetime.now(datetime.UTC).isoformat(), rows=all_rows)
   print(f"{'shape':>13} {'capacity':>9} {'streaming':>9} {'config':>26} {'host ms':>8} {'loop ms':>8} {'TB/s':>6}")
   for r in all_rows:
     c = r["config"]
-    cs = "default" if c is None else f"bk{c['block_kv']} st{c['num_stages']} bps{c['blocks_per_split']} x{c['ctas_per_sm']}"
+    cs = ("default" if c is None else f"bk{c['block_kv']} st{c['num_stages']} bps{c['blocks_per_split']} "
+          f"x{c['ctas_per_sm']} o{c['other_ctas']}")
     print(f"{r['shape']:>13} {r['capacity']:>9} {r['streaming_impl']:>9} {cs:>26} {r.get('ms', float('nan')):8.4f} "
           f"{r.get('loop_ms', float('nan')):8.4f} {r.get('tb_s_loop', float('nan')):6.2f}")
   out_dir.mkdir(parents=True, exist_ok=True)
-  tag = "" if args.shapes == ["llama2-duo25"] else "_" + "_".join(args.shapes)
+  tag = ("" if args.shapes == ["llama2-duo25"] else "_" + "_".join(args.shapes)) + (
+      "_other_ctas" if args.other_ctas else "")
   (out_dir / f"decode_layer_sweep{tag}_{dev.device_kind.replace(' ', '_')}.json").write_text(
       json.dumps(res, indent=1))
 
 
-def sweep(shape: str, ctas_per_sm) -> list[dict]:
+def sweep(shape: str, ctas_per_sm, other_ctas=None) -> list[dict]:
   Hq, nf, ns, length, cap = SHAPES[shape]
   B, D, sink, window = 1, 128, 64, 256
   R = sink + window
   rows, ref = [], None
-  if ctas_per_sm:
+  if other_ctas:
+    variants = [(cap, "auto", dict(block_kv=64, num_stages=2, ctas_per_sm=2, other_ctas=o)) for o in other_ctas]
+  elif ctas_per_sm:
     variants = [(cap, "auto", dict(block_kv=64, num_stages=4 if c == 1 else 2, ctas_per_sm=c)) for c in ctas_per_sm]
   else:
     variants = [  # (capacity, streaming_impl, config or None)
@@ -100,13 +107,14 @@ def sweep(shape: str, ctas_per_sm) -> list[dict]:
     cfg = None
     if kw is not None:
       fuse = ring_fuses(ns, R, kw["block_kv"], simpl)  # the streaming CTAs share the launch's wave
-      cfg = decode_mgpu.pick_config(L, D, B * nf, other_ctas=B * ns if fuse else 0, **kw)
+      kw = dict(other_ctas=B * ns if fuse else 0) | kw
+      cfg = decode_mgpu.pick_config(L, D, B * nf, **kw)
     fn = jax.jit(lambda *a, simpl=simpl, cfg=cfg: duo_decode_attention(
         *a, sink=sink, window=window, streaming_impl=simpl, impl="pallas", config=cfg))
     args = (q, kf, vf, lengths, kr, vr, ring_pos)
     row = dict(shape=shape, capacity=L, streaming_impl=simpl, config=None if cfg is None else dict(
         block_kv=cfg.block_kv, num_stages=cfg.num_stages, blocks_per_split=cfg.blocks_per_split,
-        ctas_per_sm=cfg.ctas_per_sm), kv_bytes=2 * B * (length * nf + R * ns) * D * 2, loop_samples=[],
+        ctas_per_sm=cfg.ctas_per_sm, other_ctas=kw["other_ctas"]), kv_bytes=2 * B * (length * nf + R * ns) * D * 2, loop_samples=[],
         host_samples=[])
     try:
       _, out = timeit(fn, *args)
