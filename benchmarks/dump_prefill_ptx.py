@@ -13,7 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from duojax.kernels.prefill_mgpu import layer_kind  # the kind rule of the shipped kernel (any file's blocks)
+from duojax.kernels.prefill_mgpu import layer_kind  # the shipped rule, applied to the loaded file's default_config
 
 
 def main() -> None:

@@ -114,8 +114,8 @@ def sweep(shape: str, ctas_per_sm, other_ctas=None) -> list[dict]:
     args = (q, kf, vf, lengths, kr, vr, ring_pos)
     row = dict(shape=shape, capacity=L, streaming_impl=simpl, config=None if cfg is None else dict(
         block_kv=cfg.block_kv, num_stages=cfg.num_stages, blocks_per_split=cfg.blocks_per_split,
-        ctas_per_sm=cfg.ctas_per_sm, other_ctas=kw["other_ctas"]), kv_bytes=2 * B * (length * nf + R * ns) * D * 2, loop_samples=[],
-        host_samples=[])
+        ctas_per_sm=cfg.ctas_per_sm, other_ctas=kw["other_ctas"]), kv_bytes=2 * B * (length * nf + R * ns) * D * 2,
+        loop_samples=[], host_samples=[])
     try:
       _, out = timeit(fn, *args)
       ref = out if ref is None else ref
