@@ -54,7 +54,8 @@ def parse_args(argv=None):
   p.add_argument("--num-iters", type=int, default=10)
   p.add_argument("--inner", type=int, default=0, help="calls per sample (0: auto, ~20 ms per sample)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-  p.add_argument("--configs", nargs="*", default=[], help="duojax block configs to sweep, e.g. default 64x128x2 64x128x2p")
+  p.add_argument("--configs", nargs="*", default=[],
+                 help="duojax block configs to sweep, e.g. default 64x128x2 64x128x2p")
   p.add_argument("--skip", nargs="*", default=[], help="names of kernels to skip")
   p.add_argument("--alt-kernel", nargs="*", default=[],
                  help="python files defining another duo_prefill_mgpu (e.g. an older version) to time too")
