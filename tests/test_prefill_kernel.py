@@ -68,6 +68,14 @@ CASES = [
     (1, 270, 8, 4, 128, 1, 4, 100, 50, jnp.bfloat16,
      BlockConfig(64, 128, 2, full_block_kv=192, stream_fold=3, reduction_scratch_bytes=0,
                  no_auto_barriers=True)),
+    # duo layer, streaming tiles first in 3 looped CTAs (num_ctas) taking them round robin across query tiles
+    # and heads, then the full heads' CTAs: the D=128 duo default with a partial first query tile
+    (1, 270, 8, 4, 128, 1, 4, 100, 50, jnp.bfloat16,
+     BlockConfig(64, 128, 2, full_block_kv=192, stream_first=True, reduction_scratch_bytes=0,
+                 no_auto_barriers=True)),
+    # streaming tiles first across two sequences (batch 2), GQA 2, 4 streaming CTAs (stream_ctas)
+    (2, 200, 6, 3, 64, 1, 4, 16, 30, jnp.float16,
+     BlockConfig(64, 64, 2, full_block_kv=128, stream_first=True, stream_ctas=4)),
     # head_dim 128 and 256
     (1, 150, 2, 1, 128, 0, 4, 40, 33, jnp.bfloat16, BlockConfig(64, 128, 2)),
     (1, 129, 2, 2, 256, 1, 4, 20, 0, jnp.float16, BlockConfig(64, 64, 2)),
@@ -80,7 +88,8 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}S{c[1]}Hq{c[2]}Hkv{c[3]}D{c[4]}nf{c[5]}"
                          f"s{c[6]}w{c[7]}o{c[8]}{jnp.dtype(c[9]).name}{'p' if c[10].persistent else ''}"
                          f"{f'f{c[10].full_block_kv}' if c[10].full_block_kv else ''}"
-                         f"{f'x{c[10].stream_fold}' if c[10].stream_fold > 1 else ''}")
+                         f"{f'x{c[10].stream_fold}' if c[10].stream_fold > 1 else ''}"
+                         f"{'sf' if c[10].stream_first else ''}")
 def test_interpret_kernel_vs_reference(case):
   B, Sq, Hq, Hkv, D, nf, sink, window, q_offset, dtype, cfg = case
   q, k, v = _inputs(CASES.index(case), B, Sq, Hq, Hkv, D, q_offset, dtype)  # a fixed seed per case
@@ -142,12 +151,13 @@ def test_bad_arguments(bad, match):
 
 def test_default_config_by_layer_kind():
   """All-full layers at head_dim 128 step over 192 keys (SMEM fits only without the reduction scratch), duo
-  layers over 128, all-streaming layers run the persistent grid; other head dims keep their blocks."""
+  layers over 192 on full heads and 128 on streaming heads, whose tiles run first; all-streaming layers run
+  the persistent grid; other head dims keep their blocks."""
   from duojax.kernels.prefill_mgpu import default_config, layer_kind  # noqa: PLC0415
   assert [layer_kind(nf, 4) for nf in (0, 1, 3, 4)] == ["streaming", "duo", "duo", "full"]
   full, duo, stream = (default_config(128, h) for h in ("full", "duo", "streaming"))
   assert (full.block_kv, full.reduction_scratch_bytes, full.no_auto_barriers, full.persistent) == (192, 0, True, False)
-  assert (duo.block_kv, duo.full_block_kv, duo.stream_fold, duo.persistent) == (128, 192, 4, False)
+  assert (duo.block_kv, duo.full_block_kv, duo.stream_first, duo.persistent) == (128, 192, True, False)
   assert (stream.block_kv, stream.persistent, stream.named_consumed) == (128, True, False)
   assert default_config(64, "full").block_kv == default_config(64, "duo").block_kv == 128
   assert default_config(256, "full").block_kv == 64
@@ -221,6 +231,8 @@ def test_block_config_checks():
     BlockConfig(64, 128, 2, full_block_kv=64)
   with pytest.raises(ValueError, match="stream_fold must be >= 1"):
     BlockConfig(64, 128, 2, stream_fold=0)
+  with pytest.raises(ValueError, match="stream_ctas must be >= 1 or None"):
+    BlockConfig(64, 128, 2, stream_first=True, stream_ctas=0)
   with pytest.raises(ValueError, match="multiples of 64"):
     BlockConfig(64, 128, 2, full_block_kv=160)
   q, k, v = _inputs(0, 1, 64, 4, 2, 64, 0, jnp.bfloat16)

@@ -31,14 +31,18 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   CTAs that read the same K/V tiles run at the same time and share them through L2 (GQA groups are not folded
   into one CTA). Query tiles run in reverse order (largest causal tiles first) so the light tiles fill the
   tail. Each kind of CTA compiles its own code (``_Plan``; the head kind is a Python bool, so a full head's
-  CTA has no sink or window segments): in a duo layer the first ``nf * G`` CTAs of a row are full heads, one
-  tile each; the rest are streaming CTAs that each run ``stream_fold`` streaming query heads of the same
-  query tile back to back, the K/V ring running on across them (short streaming tiles then share one CTA's
-  start-up and drain). Full and streaming CTAs are interleaved in every wave, so a 25%-retrieval layer costs
-  about its share of the work. At head_dim 128, duo layers step over 192 keys on full heads and 128 on
-  streaming heads (``full_block_kv``; streaming steps use the first 128 rows of the 192-row K/V slots). The
-  folded streaming CTAs stage their output in the other 64 rows, so each tile's Q buffer is free for the next
-  tile's Q as soon as the tile's last QK^T is done.
+  CTA has no sink or window segments). A duo layer's full-head CTAs run one tile each. Its streaming tiles
+  run in looped CTAs, back to back, the K/V ring running on across them (short streaming tiles then share one
+  CTA's start-up and drain), in one of two layouts:
+  - ``stream_first`` (the head_dim-128 default): one streaming CTA per SM takes the streaming tiles round
+    robin, and all of them launch before the first full-head CTA (the grid's first rows). The streaming tiles
+    then run while no full head competes with them for L2, and the full heads' light tiles fill the tail.
+  - otherwise: each row of the grid holds the query tile's ``nf * G`` full-head CTAs, then streaming CTAs
+    that run ``stream_fold`` streaming query heads of that query tile; the two kinds share every wave.
+  At head_dim 128, duo layers step over 192 keys on full heads and 128 on streaming heads (``full_block_kv``;
+  streaming steps use the first 128 rows of the 192-row K/V slots). The looped streaming CTAs stage their
+  output in the other 64 rows, so each tile's Q buffer is free for the next tile's Q as soon as the tile's
+  last QK^T is done.
   When every head is streaming (``nf == 0``) the default is a persistent grid (one CTA per SM, static
   round-robin over the same tile order): the K/V ring, the next tile's Q load (double buffered Q, issued
   after the tile's sink steps) and the previous tile's output store overlap across tiles (16k: 0.28 ms vs
@@ -105,6 +109,12 @@ class BlockConfig:
   # Duo layers: streaming query heads per CTA, run back to back (the K/V ring and the Q loads run on across
   # them, as in the persistent grid); 1: one tile per CTA.
   stream_fold: int = 1
+  # Duo layers: the streaming tiles (streaming query heads fastest, then batch, then query tiles from the
+  # last) go round robin to ``stream_ctas`` CTAs (None: one per SM) that launch before every full-head CTA: a
+  # ``(full query heads, B, streaming rows + q_tiles)`` grid whose first rows hold them. Off (``stream_fold``
+  # applies instead): full and streaming CTAs are interleaved in every row of the grid.
+  stream_first: bool = False
+  stream_ctas: int | None = None
   # 128-key steps whose visible keys all lie in one 64-key half for every row of the warpgroup (the last
   # causal block, a streaming window's first block) compute only that half (QK^T and PV with N/K = 64).
   half_steps: bool = True
@@ -116,6 +126,8 @@ class BlockConfig:
       raise ValueError(f"full_block_kv must be >= block_kv; got {self}")
     if self.stream_fold < 1:
       raise ValueError(f"stream_fold must be >= 1; got {self}")
+    if self.stream_ctas is not None and self.stream_ctas < 1:
+      raise ValueError(f"stream_ctas must be >= 1 or None; got {self}")
     if self.stages < 2:
       raise ValueError(f"stages must be >= 2; got {self}")
 
@@ -135,9 +147,11 @@ def default_config(head_dim: int, heads: str = "duo") -> BlockConfig:
     reductions stay inside warps) and the kernel runs without automatic warpgroup barriers. H200, same run:
     16k 3.54 vs 3.79 ms and 64k 54.7 vs 58.9 ms against 128-key steps.
   * "duo" at head_dim 128: full heads over 192 keys, streaming heads over 128 (at 192 they would visit 50% more
-    keys per row), 4 streaming query heads per CTA. H200, same run: 16k 1.158 vs 1.205 ms and 64k 15.37 vs
-    16.70 ms against 128-key steps everywhere with one tile per CTA (192-key full steps alone: 1.211 / 15.78;
-    the fold alone: 1.200 / 16.72).
+    keys per row). H200, same run: 16k 1.158 vs 1.205 ms and 64k 15.37 vs 16.70 ms against 128-key steps
+    everywhere with one tile per CTA (192-key full steps alone: 1.211 / 15.78; 4 streaming query heads per CTA
+    alone: 1.200 / 16.72). The streaming tiles go to one CTA per SM launched first (``stream_first``): 16k
+    1.148-1.161 vs 1.161-1.189 ms for 4 interleaved streaming heads per CTA in four runs; 64k within -3% to +1%.
+    (At head_dim 64 and 256 it measured -4% to +7% and +3%, so those keep one interleaved tile per CTA.)
   * "streaming" runs a persistent grid (tiles are ~(sink + window) / block_kv steps long, so per-tile latency
     dominates) with mbarrier consumed signals (16k: 0.302 vs 0.308 and 0.309 vs 0.323 ms for named barriers).
   """
@@ -150,7 +164,7 @@ def default_config(head_dim: int, heads: str = "duo") -> BlockConfig:
     if heads == "full":
       cfg = BlockConfig(64, 192, 2, reduction_scratch_bytes=0, no_auto_barriers=True)
     elif heads == "duo":
-      cfg = BlockConfig(64, 128, 2, full_block_kv=192, stream_fold=4, reduction_scratch_bytes=0,
+      cfg = BlockConfig(64, 128, 2, full_block_kv=192, stream_first=True, reduction_scratch_bytes=0,
                         no_auto_barriers=True)
   else:
     cfg = BlockConfig(64, 64, 2)
@@ -216,7 +230,8 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   """Duo prefill attention. ``q [B, Sq, Hq, D]``, ``k/v [B, q_offset + Sq, Hkv, D]``, D in (64, 128, 256).
 
   Returns ``(out [B, Sq, Hq, D] q.dtype, lse [B, Hq, Sq] float32, natural log)``. Arguments are assumed
-  validated (``duojax.kernels.attention.duo_attention`` does that).
+  validated (``duojax.kernels.attention.duo_attention`` does that). ``num_ctas`` (tests) replaces the SM count
+  as the CTA count of a persistent grid and the streaming CTA count of a ``stream_first`` duo layer.
   """
   B, Sq, Hq, D = q.shape
   Sk, Hkv = k.shape[1], k.shape[2]
@@ -269,7 +284,15 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   else:
     n_x = nfq + _cdiv(Hq - nfq, fold)
     grid, grid_names = (n_x, B, n_qt), ("heads", "batch", "q_seq")
-  looped_stream = cfg.persistent or (kinds != "full" and fold > 1)
+  stream_first = cfg.stream_first and kinds == "duo"
+  if stream_first:
+    nsq = Hq - nfq                                 # streaming query heads
+    n_st = nsq * B * n_qt                          # streaming tiles
+    per = _cdiv(n_st, cfg.stream_ctas or num_ctas or _num_sms())  # tiles per streaming CTA
+    n_w = _cdiv(n_st, per)                         # streaming CTAs (each has >= 1 tile)
+    n_zs = _cdiv(n_w, nfq * B)                     # grid rows that hold them, before the full heads' rows
+    grid = (nfq, B, n_zs + n_qt)
+  looped_stream = cfg.persistent or (kinds != "full" and (per > 1 if stream_first else fold > 1))
   elem = jnp.dtype(dtype).itemsize
   kv_bytes = 2 * stages * bkv_max * D * elem
   # Looped streaming CTAs double-buffer Q (the next tile's Q loads while this tile runs) when SMEM has room.
@@ -290,6 +313,18 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
 
       n_my = lax.div(i32(n_tiles - 1) - cta, i32(n_ctas)) + 1  # tiles cta, cta + n_ctas, ...
       return [(None, _Plan(nf == Hkv, bkv_full if nf == Hkv else bkv_stream, n_my, tile, True))]
+    if stream_first:
+      x, b, z = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("q_seq")
+      w = (z * B + b) * nfq + x                        # streaming CTA index (rows z < n_zs)
+
+      def stream_tile(j):  # round robin, as on the persistent grid: the CTAs in flight share K/V through L2
+        u = w + j * n_w
+        r = lax.div(u, i32(nsq))
+        return nfq + lax.rem(u, i32(nsq)), lax.rem(r, i32(B)), (n_qt - 1) - lax.div(r, i32(B))
+
+      full_plan = _Plan(True, bkv_full, 1, lambda j: (x, b, (n_qt - 1) - (z - n_zs)), False)
+      stream_plan = _Plan(False, bkv_stream, lax.div(i32(n_st - 1) - w, i32(n_w)) + 1, stream_tile, per > 1)
+      return [(z >= n_zs, full_plan), ((z < n_zs) & (w < n_w), stream_plan)]
     x, b, qi = lax.axis_index("heads"), lax.axis_index("batch"), (n_qt - 1) - lax.axis_index("q_seq")
     full_plan = _Plan(True, bkv_full, 1, lambda j: (x, b, qi), False)
     if fold == 1:
