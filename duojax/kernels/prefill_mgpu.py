@@ -31,14 +31,16 @@ Structure (one CTA = ``2 * block_q`` query rows of one query head of one sequenc
   CTAs that read the same K/V tiles run at the same time and share them through L2 (GQA groups are not folded
   into one CTA). Query tiles run in reverse order (largest causal tiles first) so the light tiles fill the
   tail. Each kind of CTA compiles its own code (``_Plan``; the head kind is a Python bool, so a full head's
-  CTA has no sink or window segments). A duo layer's full-head CTAs run one tile each. Its streaming tiles
-  run in looped CTAs, back to back, the K/V ring running on across them (short streaming tiles then share one
-  CTA's start-up and drain), in one of two layouts:
+  CTA has no sink or window segments). A duo layer's full-head CTAs run one tile each. A CTA with several
+  streaming tiles runs them back to back, the K/V ring running on across them (short streaming tiles then
+  share one CTA's start-up and drain). Two layouts:
   - ``stream_first`` (the head_dim-128 default): one streaming CTA per SM takes the streaming tiles round
     robin, and all of them launch before the first full-head CTA (the grid's first rows). The streaming tiles
-    then run while no full head competes with them for L2, and the full heads' light tiles fill the tail.
-  - otherwise: each row of the grid holds the query tile's ``nf * G`` full-head CTAs, then streaming CTAs
-    that run ``stream_fold`` streaming query heads of that query tile; the two kinds share every wave.
+    then run before the full heads' tiles share the GPU with them (streaming tiles that do share it run
+    slower), and the full heads' light tiles fill the tail.
+  - otherwise (head_dim 64 and 256): each row of the grid holds the query tile's ``nf * G`` full-head CTAs,
+    then streaming CTAs that run ``stream_fold`` streaming query heads of that query tile (default 1); the
+    two kinds share every wave.
   At head_dim 128, duo layers step over 192 keys on full heads and 128 on streaming heads (``full_block_kv``;
   streaming steps use the first 128 rows of the 192-row K/V slots). The looped streaming CTAs stage their
   output in the other 64 rows, so each tile's Q buffer is free for the next tile's Q as soon as the tile's
@@ -149,9 +151,11 @@ def default_config(head_dim: int, heads: str = "duo") -> BlockConfig:
   * "duo" at head_dim 128: full heads over 192 keys, streaming heads over 128 (at 192 they would visit 50% more
     keys per row). H200, same run: 16k 1.158 vs 1.205 ms and 64k 15.37 vs 16.70 ms against 128-key steps
     everywhere with one tile per CTA (192-key full steps alone: 1.211 / 15.78; 4 streaming query heads per CTA
-    alone: 1.200 / 16.72). The streaming tiles go to one CTA per SM launched first (``stream_first``): 16k
-    1.148-1.161 vs 1.161-1.189 ms for 4 interleaved streaming heads per CTA in four runs; 64k within -3% to +1%.
-    (At head_dim 64 and 256 it measured -4% to +7% and +3%, so those keep one interleaved tile per CTA.)
+    alone: 1.200 / 16.72). The streaming tiles go round robin to one CTA per SM, launched before the full
+    heads (``stream_first``). Against 4 streaming query heads per interleaved CTA, same runs (four): 16k
+    1.147-1.156 vs 1.161-1.182 ms; 64k 15.37-15.80 vs 15.44-15.62 ms (-1.6% to +2.1%). Streaming tiles that
+    share the SMs with full heads run slower: with only 66 streaming CTAs the 16k mix took 1.37 ms. (Head dims
+    64 and 256 measured -4% to +7% and +3% with it, so they keep one interleaved tile per CTA.)
   * "streaming" runs a persistent grid (tiles are ~(sink + window) / block_kv steps long, so per-tile latency
     dominates) with mbarrier consumed signals (16k: 0.302 vs 0.308 and 0.309 vs 0.323 ms for named barriers).
   """
