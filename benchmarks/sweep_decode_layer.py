@@ -45,6 +45,9 @@ def main() -> None:
   ap.add_argument("--shapes", nargs="*", default=["llama2-duo25"], choices=sorted(SHAPES))
   ap.add_argument("--ctas-per-sm", nargs="*", type=int, default=None,
                   help="only sweep 64-row blocks with these CTAs per SM (2 stages for 2+, 4 for 1)")
+  ap.add_argument("--stages", nargs="*", type=int, default=None,
+                  help="with --ctas-per-sm: these K/V stage counts for each CTAs-per-SM value (default 2 for 2+, 4 "
+                       "for 1)")
   ap.add_argument("--other-ctas", nargs="*", type=int, default=None,
                   help="only sweep the default 64-row blocks with the split count chosen for this many streaming "
                        "CTAs sharing the wave (pick_config's other_ctas; the default passes the streaming CTAs)")
@@ -52,7 +55,7 @@ def main() -> None:
   out_dir = pathlib.Path(os.environ.get("OUT") or "benchmarks/results")
   all_rows = []
   for shape in args.shapes:
-    all_rows += sweep(shape, args.ctas_per_sm, args.other_ctas)
+    all_rows += sweep(shape, args.ctas_per_sm, args.other_ctas, args.stages)
   dev = jax.devices()[0]
   res = dict(device=dev.device_kind, jax_version=jax.__version__,
              date=datetime.datetime.now(datetime.UTC).isoformat(), rows=all_rows)
@@ -65,12 +68,12 @@ def main() -> None:
           f"{r.get('loop_ms', float('nan')):8.4f} {r.get('tb_s_loop', float('nan')):6.2f}")
   out_dir.mkdir(parents=True, exist_ok=True)
   tag = ("" if args.shapes == ["llama2-duo25"] else "_" + "_".join(args.shapes)) + (
-      "_other_ctas" if args.other_ctas else "")
+      "_other_ctas" if args.other_ctas else "") + ("_stages" if args.stages else "")
   (out_dir / f"decode_layer_sweep{tag}_{dev.device_kind.replace(' ', '_')}.json").write_text(
       json.dumps(res, indent=1))
 
 
-def sweep(shape: str, ctas_per_sm, other_ctas=None) -> list[dict]:
+def sweep(shape: str, ctas_per_sm, other_ctas=None, stages=None) -> list[dict]:
   Hq, nf, ns, length, cap = SHAPES[shape]
   B, D, sink, window = 1, 128, 64, 256
   R = sink + window
@@ -78,7 +81,8 @@ def sweep(shape: str, ctas_per_sm, other_ctas=None) -> list[dict]:
   if other_ctas:
     variants = [(cap, "auto", dict(block_kv=64, num_stages=2, ctas_per_sm=2, other_ctas=o)) for o in other_ctas]
   elif ctas_per_sm:
-    variants = [(cap, "auto", dict(block_kv=64, num_stages=4 if c == 1 else 2, ctas_per_sm=c)) for c in ctas_per_sm]
+    variants = [(cap, "auto", dict(block_kv=64, num_stages=st, ctas_per_sm=c)) for c in ctas_per_sm
+                for st in (stages or [4 if c == 1 else 2])]
   else:
     variants = [  # (capacity, streaming_impl, config or None)
         (cap, "auto", None),
