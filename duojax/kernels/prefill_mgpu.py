@@ -282,20 +282,20 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   nfq = nf * G                                   # full query heads come first
   fold = max(1, min(cfg.stream_fold, Hq - nfq))  # streaming query heads per CTA of a duo layer
   n_tiles = Hq * B * n_qt
+  stream_first = cfg.stream_first and kinds == "duo"
   if cfg.persistent:
     n_ctas = min(n_tiles, num_ctas or _num_sms())
     grid, grid_names = (n_ctas,), ("cta",)
-  else:
-    n_x = nfq + _cdiv(Hq - nfq, fold)
-    grid, grid_names = (n_x, B, n_qt), ("heads", "batch", "q_seq")
-  stream_first = cfg.stream_first and kinds == "duo"
-  if stream_first:
+  elif stream_first:
     nsq = Hq - nfq                                 # streaming query heads
     n_st = nsq * B * n_qt                          # streaming tiles
     per = _cdiv(n_st, cfg.stream_ctas or num_ctas or _num_sms())  # tiles per streaming CTA
     n_w = _cdiv(n_st, per)                         # streaming CTAs (each has >= 1 tile)
     n_zs = _cdiv(n_w, nfq * B)                     # grid rows that hold them, before the full heads' rows
-    grid = (nfq, B, n_zs + n_qt)
+    grid, grid_names = (nfq, B, n_zs + n_qt), ("heads", "batch", "q_seq")
+  else:
+    n_x = nfq + _cdiv(Hq - nfq, fold)
+    grid, grid_names = (n_x, B, n_qt), ("heads", "batch", "q_seq")
   looped_stream = cfg.persistent or (kinds != "full" and (per > 1 if stream_first else fold > 1))
   elem = jnp.dtype(dtype).itemsize
   kv_bytes = 2 * stages * bkv_max * D * elem
@@ -304,31 +304,28 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   # the duo mix at 16k took 1.20 vs 1.16 ms, ptxas spilled 132 vs 68 bytes.)
   q_bufs = 2 if (looped_stream and kv_bytes + 4 * bq * D * elem + 2048 <= 227 * 1024) else 1
 
+  def round_robin(worker, n_workers, n_heads, head0=None):
+    """Tiles ``worker, worker + n_workers, ...`` of the tile list of ``n_heads`` query heads (from ``head0``),
+    ordered heads fastest, then batch, then query tiles from the last: ``(count, tile(j) -> (q_head, batch,
+    q_tile))``. The CTAs in flight work on neighbouring tiles and share K/V through L2."""
+    def tile(j):
+      u = worker + j * n_workers
+      h, r = lax.rem(u, i32(n_heads)), lax.div(u, i32(n_heads))
+      return h if head0 is None else head0 + h, lax.rem(r, i32(B)), (n_qt - 1) - lax.div(r, i32(B))
+
+    return lax.div(i32(n_heads * B * n_qt - 1) - worker, i32(n_workers)) + 1, tile
+
   def plans():
     """The CTA kinds of this launch: ``[(condition or None, _Plan)]``."""
     if cfg.persistent:
-      cta = lax.axis_index("cta")
-
-      def tile(j):
-        w = cta + j * n_ctas
-        h = lax.rem(w, i32(Hq))
-        r = lax.div(w, i32(Hq))
-        return h, lax.rem(r, i32(B)), (n_qt - 1) - lax.div(r, i32(B))
-
-      n_my = lax.div(i32(n_tiles - 1) - cta, i32(n_ctas)) + 1  # tiles cta, cta + n_ctas, ...
+      n_my, tile = round_robin(lax.axis_index("cta"), n_ctas, Hq)
       return [(None, _Plan(nf == Hkv, bkv_full if nf == Hkv else bkv_stream, n_my, tile, True))]
     if stream_first:
       x, b, z = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("q_seq")
       w = (z * B + b) * nfq + x                        # streaming CTA index (rows z < n_zs)
-
-      def stream_tile(j):  # round robin, as on the persistent grid: the CTAs in flight share K/V through L2
-        u = w + j * n_w
-        r = lax.div(u, i32(nsq))
-        return nfq + lax.rem(u, i32(nsq)), lax.rem(r, i32(B)), (n_qt - 1) - lax.div(r, i32(B))
-
+      n_my, stream_tile = round_robin(w, n_w, nsq, nfq)
       full_plan = _Plan(True, bkv_full, 1, lambda j: (x, b, (n_qt - 1) - (z - n_zs)), False)
-      stream_plan = _Plan(False, bkv_stream, lax.div(i32(n_st - 1) - w, i32(n_w)) + 1, stream_tile, per > 1)
-      return [(z >= n_zs, full_plan), ((z < n_zs) & (w < n_w), stream_plan)]
+      return [(z >= n_zs, full_plan), ((z < n_zs) & (w < n_w), _Plan(False, bkv_stream, n_my, stream_tile, per > 1))]
     x, b, qi = lax.axis_index("heads"), lax.axis_index("batch"), (n_qt - 1) - lax.axis_index("q_seq")
     full_plan = _Plan(True, bkv_full, 1, lambda j: (x, b, qi), False)
     if fold == 1:
