@@ -61,19 +61,21 @@ def _pieces(n_tiles, k_tiles, ctas):
              for t in range(n_tiles))
 
 
-def chain(xs, ws, *, ctas, stages, block_k=128, block_n=64, barrier=True, nk=False, x_fixed=False,
+def chain(xs, ws, *, ctas, stages, block_k=128, block_n=64, barrier=True, nk=False, tiled=False, x_fixed=False,
           mma=True, interpret=False):
   """``[x_p @ w_p for each p]`` as float32 partials ``[pieces_p, N_p, ROWS]``, all in one persistent launch.
 
   ``nk``: the weights are stored transposed, ``w_p [N, K]`` (HF's ``nn.Linear`` layout): a tile is ``block_n``
   rows of ``2 * block_k`` contiguous bytes instead of ``block_k`` rows of ``2 * block_n``.
+  ``tiled``: the weights are stored as ``[N // block_n, K, block_n]``, so each column tile is one contiguous
+  block and every TMA copy reads ``2 * block_k * block_n`` contiguous bytes.
   ``x_fixed`` (a diagnostic; wrong products): every step multiplies the first K tile of ``x``, loaded once, so
   the steps issue and wait for weight copies only. ``mma=False`` (a diagnostic): no wgmma at all, the TMA stream
   alone."""
   P = len(ws)
   geo = []
   for x, w in zip(xs, ws):
-    K, N = w.shape[::-1] if nk else w.shape
+    K, N = (w.shape[1], w.shape[0] * w.shape[2]) if tiled else (w.shape[::-1] if nk else w.shape)
     n_tiles, k_tiles = N // block_n, K // block_k
     geo.append((n_tiles, k_tiles, _pieces(n_tiles, k_tiles, ctas)))
   assert all(nt * kt >= ctas for nt, kt, _ in geo), "every CTA needs an item in every projection"
@@ -98,7 +100,10 @@ def chain(xs, ws, *, ctas, stages, block_k=128, block_n=64, barrier=True, nk=Fal
       k_tiles = geo[p][1]
       nt = item // k_tiles
       k_rows, n_cols = pl.ds((item - nt * k_tiles) * block_k, block_k), pl.ds(nt * block_n, block_n)
-      src = w_refs[p].at[n_cols, k_rows] if nk else w_refs[p].at[k_rows, n_cols]
+      if tiled:
+        src = w_refs[p].at[nt, k_rows, :]
+      else:
+        src = w_refs[p].at[n_cols, k_rows] if nk else w_refs[p].at[k_rows, n_cols]
       plgpu.copy_gmem_to_smem(src, w_smem.at[slot], w_bar.at[slot])
 
     def issue_x(p, item, slot):
@@ -240,8 +245,7 @@ def chain(xs, ws, *, ctas, stages, block_k=128, block_n=64, barrier=True, nk=Fal
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
   ]
-  out_type = [jax.ShapeDtypeStruct((pieces, w.shape[0] if nk else w.shape[1], ROWS), jnp.float32)
-              for w, (_, _, pieces) in zip(ws, geo)]
+  out_type = [jax.ShapeDtypeStruct((pieces, nt * block_n, ROWS), jnp.float32) for nt, _, pieces in geo]
   kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
   return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(ctas,), grid_names=("c",),
                       **kwargs)(*xs, *ws)
@@ -255,15 +259,17 @@ def main(argv=None):
   ap.add_argument("--barrier", choices=("on", "off"), default="on",
                   help="off: no grid barrier between projections (a streaming bound; the inputs are fixed anyway)")
   ap.add_argument("--baselines", choices=("on", "off"), default="on")
-  ap.add_argument("--layout", choices=("kn", "nk"), default="kn",
-                  help="nk: weights stored [N, K] (transposed) for the persistent chain")
+  ap.add_argument("--layout", choices=("kn", "nk", "tiled"), default="kn",
+                  help="the persistent chain's weights: kn as stored, nk transposed, tiled [N/64, K, 64]")
   ap.add_argument("--block-k", type=int, default=128)
+  ap.add_argument("--shape", default="", help="KxN: every projection has this shape instead of Llama-2's four")
   ap.add_argument("--x-fixed", action="store_true", help="diagnostic: no per-step x copies (wrong products)")
   ap.add_argument("--no-mma", action="store_true", help="diagnostic: the TMA stream alone, no wgmma")
   ap.add_argument("--tag", default="")
   ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   args = ap.parse_args(argv)
-  shapes = LAYER * args.layers
+  layer = [tuple(int(v) for v in args.shape.split("x"))] * 4 if args.shape else LAYER
+  shapes = layer * args.layers
   key = jax.random.key(0)
   ws, xs = [], []
   for i, (K, N) in enumerate(shapes):
@@ -280,10 +286,10 @@ def main(argv=None):
             f"weights {args.layout}" + (", x fixed (diagnostic)" if args.x_fixed else "")
             + (", no wgmma (diagnostic)" if args.no_mma else ""))
     fn = functools.partial(chain, ctas=sms * cps, stages=stages, barrier=args.barrier == "on",
-                           nk=args.layout == "nk", block_k=args.block_k, x_fixed=args.x_fixed,
-                           mma=not args.no_mma)
-    # the transposed copies are made once, outside the timed call
-    variants[name] = jax.jit(fn) if args.layout == "kn" else _with_nk(jax.jit(fn))
+                           nk=args.layout == "nk", tiled=args.layout == "tiled", block_k=args.block_k,
+                           x_fixed=args.x_fixed, mma=not args.no_mma)
+    # the re-laid-out copies are made once, outside the timed call
+    variants[name] = jax.jit(fn) if args.layout == "kn" else _with_layout(jax.jit(fn), args.layout)
   if args.baselines == "on":
     add_baselines(variants, shapes)
   rows = []
@@ -297,15 +303,22 @@ def main(argv=None):
                    layers=args.layers, shapes=shapes, bytes=nbytes, rows=rows), f, indent=1)
 
 
-def _with_nk(fn):
-  """``fn`` taking ``[K, N]`` weights, for a kernel that reads them as ``[N, K]`` (transposed once, cached)."""
+def _with_layout(fn, layout, block_n=64):
+  """``fn`` taking ``[K, N]`` weights, for a kernel that reads them as ``[N, K]`` ("nk") or ``[N // block_n, K,
+  block_n]`` ("tiled"); the copies are made once and cached."""
   cache = {}
+
+  def relayout(w):
+    if layout == "nk":
+      return jnp.asarray(w.T)
+    K, N = w.shape
+    return jnp.asarray(w.reshape(K, N // block_n, block_n).transpose(1, 0, 2))
 
   def call(xs, ws):
     key = id(ws)
     if key not in cache:
       cache.clear()
-      cache[key] = [jnp.asarray(w.T) for w in ws]
+      cache[key] = [relayout(w) for w in ws]
     return fn(xs, cache[key])
   return call
 
