@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks.timing import chunk_samples  # noqa: E402
 from duojax.kernels import gemv_mgpu  # noqa: E402
+from duojax.kernels.hardware import num_sms  # noqa: E402
 
 LAYER = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # Llama-2-7B: q,k,v; o; gate,up; down
 ROWS = 8
@@ -278,7 +279,7 @@ def main(argv=None):
     x0 = jax.random.normal(k2, (K,), jnp.float32).astype(jnp.bfloat16)
     xs.append(jnp.zeros((ROWS, K), jnp.bfloat16).at[0].set(x0))  # one real row, padded to wgmma's N = 8
   nbytes = sum(K * N * 2 for K, N in shapes)
-  sms = jax.devices()[0].core_count
+  sms = num_sms()
   variants = {}
   for cps in args.ctas_per_sm:
     stages = args.stages or (8 if cps == 1 else 4) * 128 // args.block_k

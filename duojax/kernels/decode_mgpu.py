@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from duojax.kernels.hardware import num_sms
 from duojax.kernels.interpret import interpret_params
 
 __all__ = ["DecodeConfig", "decode_partials", "decode_partials_duo", "combine_partials", "pick_config"]
@@ -57,17 +58,6 @@ class DecodeConfig:
   trim_output: bool = True  # with an unpadded q: write only the group's rows (rounded up to 8) per split
 
 
-def _num_sms() -> int:
-  try:
-    d = jax.devices()[0]
-    n = getattr(d, "core_count", None)
-    if n:
-      return int(n)
-  except Exception:  # pragma: no cover
-    pass
-  return 132
-
-
 def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, num_stages: int | None = None,
                 ctas_per_sm: int | None = None, min_blocks_per_split: int = 4,
                 p_via_smem: bool = False, unpadded_q: bool = True, other_ctas: int = 0) -> DecodeConfig:
@@ -86,7 +76,7 @@ def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, nu
   if ctas_per_sm is None:
     ctas_per_sm = 1
   nblocks = -(-S // block_kv)
-  target = max(1, _num_sms() * ctas_per_sm)
+  target = max(1, num_sms() * ctas_per_sm)
   # floor: a second, partial wave of CTAs would cost as much as a full one
   splits = max(1, min(nblocks // max(1, min_blocks_per_split), (target - other_ctas) // max(1, n_units)))
   bps = -(-nblocks // splits)

@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from duojax.kernels.hardware import num_sms
 from duojax.kernels.interpret import interpret_params
 
 __all__ = ["GemvConfig", "pick_gemv_config", "gemv", "gemv_multi", "gemv_supported"]
@@ -42,16 +43,6 @@ class GemvConfig:
   num_stages: int = 4
   splits: int = 1
   block_n: int = 64  # output columns per CTA = wgmma M; a weight row segment of 2 * block_n contiguous bytes
-
-
-def _num_sms() -> int:
-  try:
-    n = getattr(jax.devices()[0], "core_count", None)
-    if n:
-      return int(n)
-  except Exception:  # pragma: no cover
-    pass
-  return 132
 
 
 def gemv_supported(M: int, K: int, N: int, dtype) -> bool:
@@ -72,7 +63,7 @@ def pick_gemv_config(K: int, N: int | tuple[int, ...], *, ctas_per_sm: int = 2, 
   block_k = 128 if (K % 128 == 0 and block_n <= 128) else 64
   k_tiles = K // block_k
   n_tiles = sum(Ns) // block_n
-  slots = _num_sms() * ctas_per_sm
+  slots = num_sms() * ctas_per_sm
   best = None
   for splits in range(1, k_tiles + 1):
     ctas = n_tiles * splits

@@ -25,6 +25,16 @@ def hopper_device_kind() -> str | None:
   return devices[0].device_kind
 
 
+def num_sms(default: int = 132) -> int:
+  """The first device's streaming multiprocessor count (``default``, an H100/H200's, where it has none, e.g. on
+  the CPU for interpret mode and export). Grids size their waves with it."""
+  try:
+    n = getattr(jax.devices()[0], "core_count", None)
+  except RuntimeError:  # pragma: no cover - no backend at all
+    n = None
+  return int(n) if n else default
+
+
 def _describe_backend() -> str:
   try:
     d = jax.devices()[0]

@@ -74,6 +74,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from duojax.kernels.hardware import num_sms
 from duojax.kernels.interpret import interpret_params
 
 __all__ = ["BlockConfig", "default_config", "duo_prefill_mgpu", "layer_kind"]
@@ -196,13 +197,6 @@ def _named_barrier(op: str, barrier_id, num_threads: int = 256) -> None:
   _op(jnp.asarray(barrier_id, jnp.int32))
 
 
-def _num_sms() -> int:
-  try:
-    return int(jax.devices()[0].core_count)
-  except Exception:  # noqa: BLE001
-    return 132
-
-
 def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
@@ -284,12 +278,12 @@ def duo_prefill_mgpu(q, k, v, *, num_full_kv_heads: int, sink: int, window: int,
   n_tiles = Hq * B * n_qt
   stream_first = cfg.stream_first and kinds == "duo"
   if cfg.persistent:
-    n_ctas = min(n_tiles, num_ctas or _num_sms())
+    n_ctas = min(n_tiles, num_ctas or num_sms())
     grid, grid_names = (n_ctas,), ("cta",)
   elif stream_first:
     nsq = Hq - nfq                                 # streaming query heads
     n_st = nsq * B * n_qt                          # streaming tiles
-    per = _cdiv(n_st, cfg.stream_ctas or num_ctas or _num_sms())  # tiles per streaming CTA
+    per = _cdiv(n_st, cfg.stream_ctas or num_ctas or num_sms())  # tiles per streaming CTA
     n_w = _cdiv(n_st, per)                         # streaming CTAs (each has >= 1 tile)
     n_zs = _cdiv(n_w, nfq * B)                     # grid rows that hold them, before the full heads' rows
     grid, grid_names = (nfq, B, n_zs + n_qt), ("heads", "batch", "q_seq")
