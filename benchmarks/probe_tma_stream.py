@@ -16,10 +16,20 @@ refills it, with no compute. Patterns (bf16, boxes of ``rows x 128`` = 16 KB at 
 ``arrays=2`` reads two arrays per stage into two slots (K and V); ``arrays=1`` reads one array per stage with
 twice the stages (the same bytes in flight). Timed host-side: chunks of back-to-back calls, round-robin.
 
-References in the same run: duojax's decode attention on the same bytes as ``heads`` (Llama-2 all-full
-layer: 32 KV heads x 128k), duojax's GEMV over 8 q,k,v layers, XLA's float32 sum over 1 GiB.
+Sizes: about 1074, 101 and 34 MB per kernel. A call runs one kernel on each of about 1 GB of distinct arrays,
+back to back, as a decode step runs one projection per layer.
+
+References in the same run:
+- duojax's decode attention (its combine included) on the same bytes as ``heads``, read as a 32-KV-head cache;
+- duojax's GEMV over 8 Llama-2 q,k,v layers (its partial sum included);
+- XLA's float32 sum over 1 GiB.
+
+``--chain``: chains of ten 101 MB streams, each followed by small dependent XLA kernels (a decode layer's glue).
+They run with and without L2 prefetches (``plgpu.async_prefetch``), either of the next kernel's first boxes at
+each kernel's end, or of a kernel's own boxes ahead of its ring.
 
     python benchmarks/probe_tma_stream.py --out DIR
+    python benchmarks/probe_tma_stream.py --chain --out DIR
 """
 
 from __future__ import annotations
