@@ -57,14 +57,17 @@ from duojax.kernels.hardware import num_sms  # noqa: E402
 
 
 def stream(arrs, *, pattern: str, stages: int, splits: int = 1, ctas: int = 0, box_rows: int = 64,
-           next_arrs=(), next_pf: int = 0, ahead: int = 0, dep=None, interpret: bool = False):
+           next_arrs=(), next_pf: int = 0, ahead: int = 0, dep=None, pdl: str = "off", interpret: bool = False):
   """Read every byte of ``arrs`` (one or two bf16 arrays of one shape) through a TMA ring; returns each CTA's
   last slot of the first array (so the copies have a consumer).
 
   ``ahead``: each CTA also issues L2 prefetches (``plgpu.async_prefetch``) of its own boxes ``ahead`` steps
   beyond the ring. ``next_arrs``/``next_pf``: at its end each CTA prefetches the first ``next_pf`` boxes that
   the same CTA of the next kernel (same pattern and shape) reads first. ``dep``: an unused input that orders
-  the launch after the kernel that makes it."""
+  the launch after the kernel that makes it. ``pdl``: programmatic dependent launch. ``"exit"``: the kernel issues
+its first ``stages`` copies, then waits for the previous kernel (``griddepcontrol_wait``, as a GEMV must before
+it reads its input), and its dependents launch as its CTAs exit; ``"early"``: it also lets its dependents launch
+right after that wait (``griddepcontrol_launch_dependents``)."""
   A = len(arrs)
   NA = len(next_arrs)
   extra = () if dep is None else (dep,)
@@ -112,6 +115,10 @@ def stream(arrs, *, pattern: str, stages: int, splits: int = 1, ctas: int = 0, b
 
     for i in range(stages):
       issue(i, i)
+    if pdl != "off":
+      plgpu.griddepcontrol_wait()
+    if pdl == "early":
+      plgpu.griddepcontrol_launch_dependents()
     for i in range(stages, min(stages + ahead, n_steps)):
       prefetch(in_refs, i)
 
@@ -195,6 +202,21 @@ def chain_cases(key, layers: int = 10):
   return cases
 
 
+def pdl_cases(key):
+  """Chains of bare streams with no glue between them (as a layer whose glue lives in its kernels would run),
+  with programmatic dependent launch off, at CTA exit, or early: 10 x 101 MB and 31 x 34 MB."""
+  cases = []
+  for S, layers in ((6144, 10), (2048, 31)):
+    sets = [normal(jax.random.fold_in(key, 700 + 50 * layers + i), (2 * S * 32, 128)) for i in range(layers)]
+    nbytes = layers * sets[0].size * 2
+    for pdl in ("off", "exit", "early"):
+      def f(arrays, pdl=pdl):
+        return [stream((a,), pattern="contig", stages=4, ctas=256, pdl=pdl) for a in arrays]
+      cases.append((f"contig {sets[0].size * 2 / 1e6:.0f}MB x {layers}, no glue, PDL {pdl}", jax.jit(f), (sets,),
+                    nbytes))
+  return cases
+
+
 def normal(key, shape):
   return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32).astype(jnp.bfloat16))(key)
 
@@ -206,6 +228,8 @@ def main(argv=None) -> None:
   ap.add_argument("--chain", action="store_true",
                   help="instead: chains of 101 MB streams with small XLA kernels between them, with and without "
                        "L2 prefetches (of the next kernel's first boxes, or of the kernel's own boxes ahead)")
+  ap.add_argument("--pdl", action="store_true",
+                  help="instead: chains of streams with no glue, programmatic dependent launch off / at exit / early")
   ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   args = ap.parse_args(argv)
   slots = 2 * num_sms()
@@ -213,7 +237,9 @@ def main(argv=None) -> None:
   key = jax.random.key(0)
   if args.chain:
     cases = chain_cases(key)
-  for mb in ([] if args.chain else args.sizes_mb):
+  if args.pdl:
+    cases = pdl_cases(key)
+  for mb in ([] if args.chain or args.pdl else args.sizes_mb):
     # ~mb MB per kernel; a call runs one kernel on each of `layers` distinct array sets (about 1 GB per call,
     # none of it left in L2 from the previous kernel), as a decode step runs one kernel per layer
     S = max(1024, (mb * 10 ** 6 // (2 * 32 * 256)) // 1024 * 1024)
@@ -253,7 +279,7 @@ def main(argv=None) -> None:
               for k, v in sets]
     cases.append((f"duojax decode attention (32 heads x {S}) {nbytes / 1e6:.0f}MB x {layers}", jax.jit(attn),
                   (q, views["a2"]), nbytes * layers))
-  if not args.chain:
+  if not (args.chain or args.pdl):
     cases += reference_cases(key)
 
   for name, fn, fargs, _ in cases:
@@ -272,7 +298,7 @@ def main(argv=None) -> None:
   dev = jax.devices()[0]
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / f"tma_stream_probe{'_chain' if args.chain else ''}_{dev.device_kind.replace(' ', '_')}.json").write_text(json.dumps(dict(
+  (out / f"tma_stream_probe{'_chain' if args.chain else ''}{'_pdl' if args.pdl else ''}_{dev.device_kind.replace(' ', '_')}.json").write_text(json.dumps(dict(
       device=dev.device_kind, jax_version=jax.__version__, date=datetime.date.today().isoformat(),
       note="bare TMA streams (no compute) by pattern, arrays per stage and size; host-timed chunks of 10 calls",
       rows=rows), indent=1))
