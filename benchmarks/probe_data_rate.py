@@ -26,8 +26,6 @@ Variants run round-robin (six rounds, order reversed every other round); the tab
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
 import statistics
@@ -38,8 +36,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from bench_decode import timeit, timeit_loop  # noqa: E402
-from timing import chunk_samples  # noqa: E402
+from bench_decode import timeit_loop  # noqa: E402
+from result_file import write_result  # noqa: E402
+from timing import chunk_samples, round_robin  # noqa: E402
 
 from duojax.kernels import gemv_mgpu  # noqa: E402
 from duojax.kernels.decode import duo_decode_attention  # noqa: E402
@@ -103,35 +102,26 @@ def main(argv=None) -> None:
       a = fill(dist, jax.random.fold_in(k, 300), (512 * 1024 * 1024,))
       cases.append(("xla sum", dist, xsum, (a,), a.size * 2, "host"))
 
-  samples = {i: [] for i in range(len(cases))}
   for c in cases:  # compile and warm
     jax.block_until_ready(c[2](*c[3]))
-  for rnd in range(args.rounds):
-    order = list(range(len(cases)))
-    for i in (order if rnd % 2 == 0 else order[::-1]):
-      kern, dist, fn, fargs, nbytes, timer = cases[i]
-      if timer == "loop":
-        ms = timeit_loop(fn, *fargs, n=20, reps=3)
-      else:
-        ms = statistics.median(chunk_samples(fn, fargs, warmup=1, samples=3, inner=10)) * 1e3
-      samples[i].append(ms)
+
+  def timer(fn, fargs, kind):
+    if kind == "loop":
+      return lambda: timeit_loop(fn, *fargs, n=20, reps=3)
+    return lambda: statistics.median(chunk_samples(fn, fargs, warmup=1, samples=3, inner=10)) * 1e3
+  samples = round_robin([timer(fn, fargs, kind) for _, _, fn, fargs, _, kind in cases], args.rounds)
 
   rows = []
   print(f"{'kernel':>10} {'data':>6} {'us':>9} {'TB/s':>6}")
-  for i, (kern, dist, _, _, nbytes, timer) in enumerate(cases):
+  for i, (kern, dist, _, _, nbytes, kind) in enumerate(cases):
     ms = statistics.median(samples[i])
     per = 8 if kern.startswith("gemv") else 1
-    rows.append(dict(kernel=kern, data=dist, timer=timer, bytes=nbytes, ms=ms, us_per_unit=ms * 1e3 / per,
+    rows.append(dict(kernel=kern, data=dist, timer=kind, bytes=nbytes, ms=ms, us_per_unit=ms * 1e3 / per,
                      tb_s=nbytes / (ms * 1e-3) / 1e12, samples_ms=samples[i]))
     print(f"{kern:>10} {dist:>6} {ms * 1e3 / per:9.1f} {nbytes / (ms * 1e-3) / 1e12:6.2f}", flush=True)
-  dev = jax.devices()[0]
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"data_rate_probe_{dev.device_kind.replace(' ', '_')}.json").write_text(json.dumps(dict(
-      device=dev.device_kind, jax_version=jax.__version__, date=datetime.date.today().isoformat(),
-      note="same kernels and shapes, streamed array filled five ways; us per layer for the GEMV rows",
-      rows=rows), indent=1))
-
+  write_result(args.out, "data_rate_probe",
+               note="same kernels and shapes, streamed array filled five ways; us per layer for the GEMV rows",
+               rows=rows)
 
 if __name__ == "__main__":
   main()

@@ -27,9 +27,7 @@ Results and reading: ``NOTES_decode.md``, session 15; ``results/gemv_chain_probe
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import os
 import statistics
 import sys
@@ -43,6 +41,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.result_file import write_result  # noqa: E402
 from benchmarks.timing import chunk_samples  # noqa: E402
 from duojax.kernels import gemv_mgpu  # noqa: E402
 from duojax.kernels.hardware import num_sms  # noqa: E402
@@ -297,11 +296,7 @@ def main(argv=None):
   for name, fn in variants.items():
     rows.append(measure(name, fn, xs, ws, nbytes, args.layers))
   print(f"ideal at 4.55 TB/s (the decode attention kernel's rate): {nbytes / args.layers / 4.55e6:.1f} us/layer")
-  dev = jax.devices()[0].device_kind
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f"gemv_chain_probe{args.tag}_{dev.replace(' ', '_')}.json"), "w") as f:
-    json.dump(dict(device=dev, jax_version=jax.__version__, date=datetime.date.today().isoformat(),
-                   layers=args.layers, shapes=shapes, bytes=nbytes, rows=rows), f, indent=1)
+  write_result(args.out, f"gemv_chain_probe{args.tag}", layers=args.layers, shapes=shapes, bytes=nbytes, rows=rows)
 
 
 def _with_layout(fn, layout, block_n=64):

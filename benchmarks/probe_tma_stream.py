@@ -35,9 +35,7 @@ each kernel's end, or of a kernel's own boxes ahead of its ring.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import os
 import pathlib
 import statistics
@@ -50,7 +48,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from benchmarks.timing import chunk_samples  # noqa: E402
+from benchmarks.result_file import write_result  # noqa: E402
+from benchmarks.timing import chunk_samples, round_robin  # noqa: E402
 from duojax.kernels import gemv_mgpu  # noqa: E402
 from duojax.kernels.decode import duo_decode_attention  # noqa: E402
 from duojax.kernels.hardware import num_sms  # noqa: E402
@@ -284,25 +283,18 @@ def main(argv=None) -> None:
 
   for name, fn, fargs, _ in cases:
     jax.block_until_ready(fn(*fargs))
-  samples = {name: [] for name, *_ in cases}
-  for rnd in range(args.rounds):
-    for name, fn, fargs, _ in (cases if rnd % 2 == 0 else cases[::-1]):
-      samples[name].append(statistics.median(chunk_samples(fn, fargs, warmup=1, samples=3, inner=10)))
+  def host_timer(fn, fargs):
+    return lambda: statistics.median(chunk_samples(fn, fargs, warmup=1, samples=3, inner=10))
+  samples = round_robin([host_timer(fn, fargs) for _, fn, fargs, _ in cases], args.rounds)
   rows = []
   print(f"{'case':>75} {'us':>9} {'TB/s':>6}")
-  for name, _, _, nbytes in cases:
-    t = statistics.median(samples[name])
-    rows.append(dict(case=name, bytes=nbytes, us=t * 1e6, tb_s=nbytes / t / 1e12, samples_us=[s * 1e6 for s in
-                                                                                                samples[name]]))
+  for (name, _, _, nbytes), ts in zip(cases, samples):
+    t = statistics.median(ts)
+    rows.append(dict(case=name, bytes=nbytes, us=t * 1e6, tb_s=nbytes / t / 1e12, samples_us=[s * 1e6 for s in ts]))
     print(f"{name:>75} {t * 1e6:9.1f} {nbytes / t / 1e12:6.2f}", flush=True)
-  dev = jax.devices()[0]
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"tma_stream_probe{'_chain' if args.chain else ''}{'_pdl' if args.pdl else ''}_{dev.device_kind.replace(' ', '_')}.json").write_text(json.dumps(dict(
-      device=dev.device_kind, jax_version=jax.__version__, date=datetime.date.today().isoformat(),
-      note="bare TMA streams (no compute) by pattern, arrays per stage and size; host-timed chunks of 10 calls",
-      rows=rows), indent=1))
-
+  write_result(args.out, f"tma_stream_probe{'_chain' if args.chain else ''}{'_pdl' if args.pdl else ''}",
+               note="bare TMA streams (no compute) by pattern, arrays per stage and size; host-timed chunks of 10 "
+                    "calls", rows=rows)
 
 if __name__ == "__main__":
   main()

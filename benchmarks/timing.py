@@ -32,3 +32,15 @@ def calls_per_chunk(fn, args, *, target_s: float = 0.02, max_calls: int = 1000) 
   include the launch and sync latency and give fast kernels short chunks)."""
   one = min(chunk_samples(fn, args, warmup=0, samples=1, inner=10))
   return int(min(max_calls, max(1, target_s / max(one, 1e-6))))
+
+
+def round_robin(timers, rounds: int) -> list[list[float]]:
+  """``rounds`` samples from each zero-argument timer, taken round-robin: every round calls each timer once, in
+  order on even rounds and reversed on odd ones, so that clock drift hits every variant alike. Returns each
+  timer's samples."""
+  samples = [[] for _ in timers]
+  order = list(range(len(timers)))
+  for rnd in range(rounds):
+    for i in (order if rnd % 2 == 0 else order[::-1]):
+      samples[i].append(timers[i]())
+  return samples
