@@ -33,6 +33,7 @@ from duojax.cache import DuoCache, LayerCache, cache_bytes, init_cache, ring_slo
 from duojax.config import DuoSpec, LlamaConfig
 from duojax.generate import Generator
 from duojax.models.llama import Llama
+from duojax.kernels import decode as decode_module
 from duojax.kernels import gemv_mgpu
 from duojax.models import dense as dense_module
 
@@ -224,7 +225,12 @@ def main(argv=None):
   ap.add_argument("--gemv-block-n", type=int, default=0, help="GEMV kernel column tile (0: the default)")
   ap.add_argument("--gemv-min-matrices", type=int, default=0,
                   help="GEMV kernel only for launches of at least this many projections (0: the default)")
+  ap.add_argument("--host-ring", choices=("default", "on", "off"), default="default",
+                  help="the fused duo launch's schedule: streaming rings inside retrieval CTAs (on) or in CTAs of "
+                       "their own (off); default: the library's (duojax.kernels.decode.HOST_RING)")
   args = ap.parse_args(argv)
+  if args.host_ring != "default":
+    decode_module.HOST_RING = args.host_ring == "on"
   if args.gemv_min_matrices:
     dense_module.GEMV_MIN_MATRICES = args.gemv_min_matrices
   if args.xla_projections:
@@ -239,7 +245,8 @@ def main(argv=None):
              "dtype": jnp.dtype(dtype).name, "batch": 1, "sink": SINK, "window": WINDOW,
              "config": dataclasses.asdict(config), "decode": [], "prefill": [],
              "projections": "xla" if args.xla_projections else "gemv kernel where it applies",
-             "gemv_block_n": gemv_mgpu.DEFAULT_BLOCK_N, "gemv_min_matrices": dense_module.GEMV_MIN_MATRICES}
+             "gemv_block_n": gemv_mgpu.DEFAULT_BLOCK_N, "gemv_min_matrices": dense_module.GEMV_MIN_MATRICES,
+             "host_ring": decode_module.HOST_RING}
   contexts = [int(c) for c in args.contexts.split(",")]
   full_fit = None
   for ratio in (float(r) for r in args.ratios.split(",") if r):  # --ratios "": prefill only
@@ -265,6 +272,7 @@ def main(argv=None):
   tag = device.device_kind.replace(" ", "_") + ("_xla_projections" if args.xla_projections else "")
   tag += f"_gemv{args.gemv_block_n}" if args.gemv_block_n else ""
   tag += f"_gemvmin{args.gemv_min_matrices}" if args.gemv_min_matrices else ""
+  tag += f"_hostring{args.host_ring}" if args.host_ring != "default" else ""
   (out / f"efficiency_{args.model}_{tag}.json").write_text(json.dumps(results, indent=1))
   plot(results, out / f"efficiency_{args.model}_{tag}.png")
 

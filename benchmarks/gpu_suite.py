@@ -18,6 +18,8 @@ Stages (each a subprocess; a failing stage is recorded and the next one runs):
               with the GEMV kernel and with XLA projections
   efficiency-prefill  Llama-2-7B prefill of 128k tokens in 32k chunks, all-full and 25% retrieval (no decode)
   decode-sweep        benchmarks/sweep_decode_layer.py: 1, 2 and 3 CTAs per SM on the four efficiency layers
+  host-ring   the fused duo launch's schedules on the two duo layers (sweep_decode_layer.py --host-ring), then
+              point 5's decode rows with the rings hosted by retrieval CTAs (on) and in CTAs of their own (off)
 Everything the stages write lands in /tmp/duojax_results, packed into $OUT/results.tar.gz (the device tool
 returns at most 8 files), with a summary in $OUT/suite.json.
 """
@@ -71,6 +73,12 @@ def stage_commands(stage: str, out: pathlib.Path) -> list[list[str]]:
     return [[*eff, "--model", "llama2-7b", "--ratios", "1.0,0.25", "--contexts", "131072", *extra]
             for extra in ([], ["--xla-projections"])] + [
             [*eff, "--model", "llama3-8b", "--ratios", "1.0,0.5", "--contexts", str(LLAMA3_FULL_FIT)]]
+  if stage == "host-ring":
+    eff = [py, str(b / "bench_efficiency.py"), "--decode-steps", "32", "--iters", "2", "--out", str(out)]
+    return [[py, str(b / "sweep_decode_layer.py"), "--shapes", "llama2-duo25", "llama3-duo50", "--host-ring"]] + [
+        [*eff, "--model", model, "--ratios", ratios, "--contexts", ctx, "--host-ring", mode]
+        for model, ctx, duo in (("llama2-7b", "131072", "0.25"), ("llama3-8b", str(LLAMA3_FULL_FIT), "0.5"))
+        for ratios, mode in ((f"1.0,{duo}", "on"), (duo, "off"))]
   if stage == "decode":
     return [[py, str(b / "gpu_decode_check.py")]]
   if stage == "efficiency-prefill":

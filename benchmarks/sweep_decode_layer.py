@@ -10,6 +10,7 @@ counts, CTAs per SM and streaming paths, at that capacity and at a 128-multiple 
     python benchmarks/sweep_decode_layer.py                       # Llama-2 duo layer, every variant
     python benchmarks/sweep_decode_layer.py --shapes llama2-duo25 llama2-full llama3-duo50 llama3-full \
         --ctas-per-sm 1 2 3
+    python benchmarks/sweep_decode_layer.py --shapes llama2-duo25 llama3-duo50 --host-ring   # ring hosting
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ def main() -> None:
   ap.add_argument("--other-ctas", nargs="*", type=int, default=None,
                   help="only sweep the default 64-row blocks with the split count chosen for this many streaming "
                        "CTAs sharing the wave (pick_config's other_ctas; the default passes the streaming CTAs)")
+  ap.add_argument("--host-ring", action="store_true",
+                  help="only compare the fused duo launch's schedules (64-row blocks, 2 stages, 2 CTAs per SM): "
+                       "streaming CTAs in the wave (the default), every slot a retrieval split with separate "
+                       "streaming CTAs, and every slot a retrieval split hosting the rings (host_ring)")
   args = ap.parse_args()
   out_dir = pathlib.Path(os.environ.get("OUT") or "benchmarks/results")
   all_rows = []
   for shape in args.shapes:
-    all_rows += sweep(shape, args.ctas_per_sm, args.other_ctas, args.stages)
+    all_rows += sweep(shape, args.ctas_per_sm, args.other_ctas, args.stages, args.host_ring)
   dev = jax.devices()[0]
   res = dict(device=dev.device_kind, jax_version=jax.__version__,
              date=datetime.datetime.now(datetime.UTC).isoformat(), rows=all_rows)
@@ -63,22 +68,27 @@ def main() -> None:
   for r in all_rows:
     c = r["config"]
     cs = ("default" if c is None else f"bk{c['block_kv']} st{c['num_stages']} bps{c['blocks_per_split']} "
-          f"x{c['ctas_per_sm']} o{c['other_ctas']}")
+          f"x{c['ctas_per_sm']} o{c['other_ctas']}" + (" host" if c.get("host_ring") else ""))
     print(f"{r['shape']:>13} {r['capacity']:>9} {r['streaming_impl']:>9} {cs:>26} {r.get('ms', float('nan')):8.4f} "
           f"{r.get('loop_ms', float('nan')):8.4f} {r.get('tb_s_loop', float('nan')):6.2f}")
   out_dir.mkdir(parents=True, exist_ok=True)
   tag = ("" if args.shapes == ["llama2-duo25"] else "_" + "_".join(args.shapes)) + (
-      "_other_ctas" if args.other_ctas else "") + ("_stages" if args.stages else "")
+      "_other_ctas" if args.other_ctas else "") + ("_stages" if args.stages else "") + (
+      "_host_ring" if args.host_ring else "")
   (out_dir / f"decode_layer_sweep{tag}_{dev.device_kind.replace(' ', '_')}.json").write_text(
       json.dumps(res, indent=1))
 
 
-def sweep(shape: str, ctas_per_sm, other_ctas=None, stages=None) -> list[dict]:
+def sweep(shape: str, ctas_per_sm, other_ctas=None, stages=None, host_ring=False) -> list[dict]:
   Hq, nf, ns, length, cap = SHAPES[shape]
   B, D, sink, window = 1, 128, 64, 256
   R = sink + window
   rows, ref = [], None
-  if other_ctas:
+  if host_ring:
+    base = dict(block_kv=64, num_stages=2, ctas_per_sm=2)
+    variants = [(cap, "auto", base), (cap, "auto", base | dict(other_ctas=0)),
+                (cap, "auto", base | dict(other_ctas=0, host_ring=True))]
+  elif other_ctas:
     variants = [(cap, "auto", dict(block_kv=64, num_stages=2, ctas_per_sm=2, other_ctas=o)) for o in other_ctas]
   elif ctas_per_sm:
     variants = [(cap, "auto", dict(block_kv=64, num_stages=st, ctas_per_sm=c)) for c in ctas_per_sm
@@ -118,8 +128,8 @@ def sweep(shape: str, ctas_per_sm, other_ctas=None, stages=None) -> list[dict]:
     args = (q, kf, vf, lengths, kr, vr, ring_pos)
     row = dict(shape=shape, capacity=L, streaming_impl=simpl, config=None if cfg is None else dict(
         block_kv=cfg.block_kv, num_stages=cfg.num_stages, blocks_per_split=cfg.blocks_per_split,
-        ctas_per_sm=cfg.ctas_per_sm, other_ctas=kw["other_ctas"]), kv_bytes=2 * B * (length * nf + R * ns) * D * 2,
-        loop_samples=[], host_samples=[])
+        ctas_per_sm=cfg.ctas_per_sm, other_ctas=kw["other_ctas"], host_ring=cfg.host_ring),
+        kv_bytes=2 * B * (length * nf + R * ns) * D * 2, loop_samples=[], host_samples=[])
     try:
       _, out = timeit(fn, *args)
       ref = out if ref is None else ref

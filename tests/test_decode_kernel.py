@@ -144,6 +144,60 @@ def test_interpret_kernel_vs_reference(case):
   np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-3, atol=1e-3)
 
 
+HOSTED_CASES = [
+    CASES[0],  # 2 retrieval heads hosting one ring each; the 37-token sequence's hosting splits read no block
+    dict(B=2, L=512, nf=1, ns=3, G=2, D=64, sink=4, window=60, lengths=[500, 65]),  # 3 rings in one head's splits
+    dict(B=1, L=384, nf=2, ns=1, G=2, D=128, sink=16, window=112, lengths=[383]),  # ring of 2 blocks, one host
+]
+
+
+@pytest.mark.parametrize("case", HOSTED_CASES, ids=lambda c: f"nf{c['nf']}ns{c['ns']}D{c['D']}")
+def test_interpret_kernel_rings_hosted_by_retrieval_splits(case):
+  """``host_ring``: the streaming rings run inside retrieval CTAs whose splits are shortened; same results."""
+  rng = np.random.default_rng(8)
+  inputs, k, v = make_cache(rng, **case)
+  ref, ref_lse = oracle(inputs["q"], k, v, case["lengths"], nf=case["nf"], G=case["G"], sink=case["sink"],
+                        window=case["window"])
+  from duojax.kernels.decode_mgpu import DecodeConfig
+  cfg = DecodeConfig(block_kv=64, num_stages=2, blocks_per_split=2, host_ring=True)
+  out, lse = duo_decode_attention(**inputs, sink=case["sink"], window=case["window"], interpret=True,
+                                  return_lse=True, config=cfg, streaming_impl="fused")
+  assert rel_l2(out, ref) < 1e-2
+  np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-3, atol=1e-3)
+
+
+def test_hosted_split_ranges_tile_the_filled_blocks():
+  """Brute force over lengths and shapes: the retrieval ranges of a head's splits are disjoint, in order and
+  cover exactly its filled blocks; a hosting split reads ``ring_blocks`` fewer than the others' share."""
+  from duojax.kernels.decode_mgpu import _hosted_split_range, hosted_rings
+  for nf, ns, splits, rb in [(1, 3, 4, 1), (2, 2, 2, 1), (8, 24, 33, 5), (4, 4, 66, 5), (3, 7, 5, 2)]:
+    for length in [0, 1, 63, 64, 65, 200, 64 * 37 + 5, 64 * 300]:
+      nblk = -(-length // 64)
+      for h in range(nf):
+        k = hosted_rings(h, nf=nf, ns=ns)
+        assert k == sum(1 for i in range(ns) if i % nf == h)
+        covered = []
+        per = max(-(-(nblk + k * rb) // splits), 1)
+        for sp in range(splits):
+          start, n, hosts = (int(x) for x in _hosted_split_range(
+              jnp.int32(length), jnp.int32(h), jnp.int32(sp), splits=splits, block_kv=64, nf=nf, ns=ns,
+              ring_blocks=rb))
+          assert bool(hosts) == (sp < k)
+          assert n <= (max(per - rb, 0) if hosts else per)
+          covered += list(range(start, start + n))
+        assert covered == list(range(nblk)), (nf, ns, splits, rb, length, h)
+
+
+def test_hosted_rings_need_a_split_each():
+  rng = np.random.default_rng(9)
+  case = dict(B=1, L=128, nf=1, ns=3, G=1, D=64, sink=4, window=60, lengths=[100])
+  inputs, _, _ = make_cache(rng, **case)
+  from duojax.kernels.decode_mgpu import DecodeConfig
+  with pytest.raises(ValueError, match="ns=3 > nf \\* splits = 1 \\* 2"):
+    duo_decode_attention(**inputs, sink=4, window=60, interpret=True, streaming_impl="fused",
+                         config=DecodeConfig(block_kv=64, num_stages=2, blocks_per_split=1, host_ring=True))
+
+
 @pytest.mark.parametrize("streaming_impl", ["kernel", "xla"])
 def test_interpret_separate_streaming_paths(streaming_impl):
   # CASES[0] runs the fused single launch under "auto"; here the separate ring launch and the XLA ring path.
@@ -227,6 +281,40 @@ def test_gpu_kernels_lower_for_cuda_without_a_gpu(monkeypatch, D, G, sink, windo
   launches = mosaic_gpu_launches(lambda *a: duo_decode_attention(*a, sink=sink, window=window, impl="pallas"),
                                  *args)
   assert launches == (1 if R % 128 == 0 else 2 if R % 64 == 0 else 1), launches
+
+
+def test_hosted_rings_lower_for_cuda_without_a_gpu(monkeypatch):
+  """With ``HOST_RING`` the default config of a fused duo layer hosts the rings: still one Mosaic-GPU launch."""
+  from duojax.kernels import decode, decode_mgpu  # noqa: PLC0415
+  from tests.lowering import mosaic_gpu_launches  # noqa: PLC0415
+  monkeypatch.setattr(decode, "resolve_impl", lambda impl, name: "pallas")
+  monkeypatch.setattr(decode, "HOST_RING", True)
+  seen = []
+  real = decode_mgpu.decode_partials_duo
+  monkeypatch.setattr(decode_mgpu, "decode_partials_duo", lambda *a, **kw: seen.append(kw["config"]) or real(*a, **kw))
+  B, L, nf, ns, G, D, sink, window = 1, 4160, 2, 6, 4, 128, 64, 256  # 64-row blocks, as at capacity 131,136
+  sds = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+  args = (sds((B, (nf + ns) * G, D)), sds((B, L, nf, D)), sds((B, L, nf, D)), sds((B,), jnp.int32),
+          sds((B, sink + window, ns, D)), sds((B, sink + window, ns, D)), sds((B, sink + window), jnp.int32))
+  launches = mosaic_gpu_launches(lambda *a: duo_decode_attention(*a, sink=sink, window=window, impl="pallas"),
+                                 *args)
+  assert launches == 1 and seen and seen[0].host_ring, (launches, seen)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("lengths", [[8192, 3000], [8192, 400]])
+def test_gpu_kernel_rings_hosted_vs_oracle(lengths):
+  """The hosted-ring schedule on the GPU (register-operand path), with a sequence so short that its hosting
+  splits read no retrieval block."""
+  from duojax.kernels.decode_mgpu import pick_config
+  rng = np.random.default_rng(10)
+  case = dict(B=2, L=8192, nf=2, ns=6, G=4, D=128, sink=64, window=256, lengths=lengths)
+  inputs, k, v = make_cache(rng, **case)
+  cfg = pick_config(8192, 128, 2 * 2, block_kv=64, other_ctas=0, host_ring=True)
+  out = duo_decode_attention(**inputs, sink=64, window=256, impl="pallas", streaming_impl="fused", config=cfg)
+  ref, _ = oracle(inputs["q"], k, v, lengths, nf=2, G=4, sink=64, window=256)
+  assert rel_l2(out, ref) < 1e-2
 
 
 @pytest.mark.gpu

@@ -131,6 +131,24 @@ def ring_fuses(ns: int, R: int, block_kv: int, streaming_impl: str) -> bool:
   return ns > 0 and R % block_kv == 0 and streaming_impl in ("auto", "fused")
 
 
+# The fused duo launch runs each streaming ring inside a retrieval CTA (``DecodeConfig.host_ring``) rather than in a
+# CTA of its own, so every slot of the wave streams about the same bytes. H200, B=1, in-jit layer loops: Llama-2
+# duo layer at 128k 0.1443 vs 0.1468 ms, Llama-3 duo layer at 899,744 0.4311 vs 0.4346 (benchmarks/NOTES_decode.md,
+# session 17).
+HOST_RING = True
+
+
+def _duo_config(decode_mgpu, L: int, D: int, B: int, nf: int, ns: int, block_kv: int, fused: bool):
+  """The retrieval kernel's config: with a fused ring and ``HOST_RING``, every CTA of the wave is a retrieval
+  split and the splits host the rings (if there are at least ``ns`` of them); else the streaming CTAs get their
+  own slots in the wave."""
+  if fused and HOST_RING:
+    cfg = decode_mgpu.pick_config(L, D, B * nf, block_kv=block_kv, other_ctas=0, host_ring=True)
+    if ns <= nf * -(-(L // cfg.block_kv) // cfg.blocks_per_split):
+      return cfg
+  return decode_mgpu.pick_config(L, D, B * nf, block_kv=block_kv, other_ctas=B * ns if fused else 0)
+
+
 def _fold_queries(qg):
   """``[B, H, G, D]`` -> ``[B, H, 64, D]`` (zero rows after the group's G heads)."""
   G = qg.shape[2]
@@ -156,7 +174,7 @@ def _decode_pallas(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, sink
       bk = 128 if (L % 128 == 0 and D <= 128) else 64
       if streaming_impl == "fused" and ns and R % bk:
         bk = 64
-      cfg = decode_mgpu.pick_config(L, D, B * nf, block_kv=bk, other_ctas=B * ns if fuses(bk) else 0)
+      cfg = _duo_config(decode_mgpu, L, D, B, nf, ns, bk, fuses(bk))
     fused = fuses(cfg.block_kv)
     q_in = qg if (fast and cfg.unpadded_q) else None
     if fused:

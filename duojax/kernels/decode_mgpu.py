@@ -15,7 +15,8 @@ run time each sequence's filled blocks, ``cdiv(lengths[b], block_kv)``, are spre
 work and the bandwidth follow the context, not the capacity. Only a sequence's last block is masked (by
 column index). Streaming heads run the same body over the ``R = sink + window`` ring
 slots with an additive float32 bias per slot (0 where visible, -1e30 where not) computed in XLA from
-``ring_pos``; ``decode_partials_duo`` runs both kinds of heads in one launch.
+``ring_pos``; ``decode_partials_duo`` runs both kinds of heads in one launch, either with a CTA per ring or
+(``host_ring``) with each ring run by a retrieval CTA whose split is shortened by the ring's blocks.
 
 ``fast=True`` (GPU) keeps P in registers (register-operand wgmma) and the PV accumulator in place
 (``pl.run_state``); ``fast=False`` stages P through shared memory and adds a fresh PV accumulator per step,
@@ -56,13 +57,18 @@ class DecodeConfig:
   p_via_smem: bool = False  # stage P through SMEM even on GPU (the interpret-mode formulation)
   unpadded_q: bool = True  # GPU: read the GQA group's G query rows straight from q (TMA zero-fills to 64)
   trim_output: bool = True  # with an unpadded q: write only the group's rows (rounded up to 8) per split
+  # Duo launch: each streaming head's ring runs in a retrieval CTA whose split is shortened by the ring's blocks
+  # (every CTA of the wave streams about the same bytes), instead of in a CTA of its own that finishes early.
+  host_ring: bool = False
 
 
 def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, num_stages: int | None = None,
                 ctas_per_sm: int | None = None, min_blocks_per_split: int = 4,
-                p_via_smem: bool = False, unpadded_q: bool = True, other_ctas: int = 0) -> DecodeConfig:
+                p_via_smem: bool = False, unpadded_q: bool = True, other_ctas: int = 0,
+                host_ring: bool = False) -> DecodeConfig:
   """A config for a cache of S positions, head_dim D and n_units = B * KV heads (CTAs before splitting);
-  ``other_ctas`` short CTAs of the same launch (the streaming heads) share the wave."""
+  ``other_ctas`` short CTAs of the same launch (the streaming heads) share the wave (pass 0 with ``host_ring``:
+  the retrieval CTAs run the rings)."""
   if block_kv is None:
     block_kv = 128 if D <= 128 else 64
   block_kv = min(block_kv, max(64, S))
@@ -81,7 +87,7 @@ def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, nu
   splits = max(1, min(nblocks // max(1, min_blocks_per_split), (target - other_ctas) // max(1, n_units)))
   bps = -(-nblocks // splits)
   return DecodeConfig(block_kv=block_kv, num_stages=num_stages, blocks_per_split=bps, ctas_per_sm=ctas_per_sm,
-                      p_via_smem=p_via_smem, unpadded_q=unpadded_q)
+                      p_via_smem=p_via_smem, unpadded_q=unpadded_q, host_ring=host_ring)
 
 
 def _split_range(length, sp, *, splits: int, block_kv: int):
@@ -93,6 +99,29 @@ def _split_range(length, sp, *, splits: int, block_kv: int):
   per = lax.max(lax.div(nblk + (splits - 1), jnp.int32(splits)), jnp.int32(1))
   start = sp * per
   return start, jnp.clip(nblk - start, 0, per)
+
+
+def hosted_rings(h, *, nf: int, ns: int):
+  """Number of streaming rings retrieval head ``h``'s splits host (``host_ring``): ring ``i`` runs in split
+  ``i // nf`` of retrieval head ``i % nf``, so head ``h`` hosts ``cdiv(ns - h, nf)`` (0 for ``h >= ns``), in its
+  first splits."""
+  return (ns + nf - 1 - h) // nf
+
+
+def _hosted_split_range(length, h, sp, *, splits: int, block_kv: int, nf: int, ns: int, ring_blocks: int):
+  """Blocks ``[start, start + n)`` of split ``sp`` of retrieval head ``h`` when its first ``k = hosted_rings(h)``
+  splits also run a ring of ``ring_blocks`` blocks: ``per = cdiv(nblk + k * ring_blocks, splits)`` blocks of
+  work per split, of which a hosting split spends ``ring_blocks`` on its ring. The ranges tile
+  ``[0, nblk)``: ``k * (per - ring_blocks) + (splits - k) * per >= nblk``. Returns ``(start, n, hosts)``."""
+  rb = jnp.int32(ring_blocks)
+  nblk = lax.div(length + (block_kv - 1), jnp.int32(block_kv))
+  k = lax.div(jnp.int32(ns + nf - 1) - h, jnp.int32(nf))  # hosted_rings(h), traced
+  per = lax.max(lax.div(nblk + k * rb + (splits - 1), jnp.int32(splits)), jnp.int32(1))
+  light = lax.max(per - rb, jnp.int32(0))
+  hosts = sp < k
+  start = jnp.where(hosts, sp * light, k * light + (sp - k) * per)
+  n = jnp.clip(nblk - start, 0, jnp.where(hosts, light, per))
+  return start, n, hosts
 
 
 def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, scratch, *, S, block_kv,
@@ -109,29 +138,55 @@ def _decode_kernel_body(q_ref, k_ref, v_ref, len_ref, bias_ref, o_ref, lse_ref, 
 
 
 def _duo_kernel_body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ret_ref, lse_ret_ref, o_str_ref,
-                     lse_str_ref, scratch, *, L, R, nf, ns, block_kv, splits, **kw):
-  """Both caches in one launch, one CTA per unit of work: CTAs ``c < ns`` run streaming head ``nf + c`` over the
-  ring (first, so these short CTAs finish while the long ones stream) and write ``o_str_ref[b, c, 0]``; CTAs
-  ``c >= ns`` run split ``sp = (c - ns) % splits`` of retrieval head ``h = (c - ns) // splits`` and write
-  ``o_ret_ref[b, h, sp]``. Two outputs, so the combine reads each kind's partials without a slice."""
+                     lse_str_ref, scratch, *, L, R, nf, ns, block_kv, splits, host_ring, **kw):
+  """Both caches in one launch. Two schedules:
+
+  * ``host_ring=False``: one CTA per unit of work. CTAs ``c < ns`` run streaming head ``nf + c`` over the ring
+    (first, so these short CTAs finish while the long ones stream) and write ``o_str_ref[b, c, 0]``; CTAs
+    ``c >= ns`` run split ``sp = (c - ns) % splits`` of retrieval head ``h = (c - ns) // splits`` and write
+    ``o_ret_ref[b, h, sp]``.
+  * ``host_ring=True``: ``nf * splits`` CTAs, all retrieval splits (``h = c // splits``, ``sp = c % splits``);
+    the split hosting ring ``i`` (see :func:`hosted_rings`) first runs streaming head ``nf + i`` over the ring,
+    then a retrieval range shortened by the ring's blocks (:func:`_hosted_split_range`).
+
+  Two outputs, so the combine reads each kind's partials without a slice."""
   b = lax.axis_index("b")
   c = lax.axis_index("c")
   zero = jnp.int32(0)
+
+  def streaming(i):
+    _attend_split(q_ref, kr_ref, vr_ref, bias_ref, o_str_ref, lse_str_ref, scratch, b=b, kv_head=i, q_head=nf + i,
+                  out_head=i, sp=zero, start_blk=zero, n=jnp.int32(R // block_kv), length=None,
+                  block_kv=block_kv, **kw)
+
+  def retrieval(h, sp, start_blk, n, length):
+    _attend_split(q_ref, kf_ref, vf_ref, None, o_ret_ref, lse_ret_ref, scratch, b=b, kv_head=h, q_head=h,
+                  out_head=h, sp=sp, start_blk=start_blk, n=n, length=length, block_kv=block_kv, **kw)
+
+  length = jnp.minimum(len_ref[b], jnp.int32(L))
+  if host_ring:
+    h = lax.div(c, jnp.int32(splits))
+    sp = lax.rem(c, jnp.int32(splits))
+    start_blk, n, hosts = _hosted_split_range(length, h, sp, splits=splits, block_kv=block_kv, nf=nf, ns=ns,
+                                              ring_blocks=R // block_kv)
+
+    @pl.when(hosts)
+    def _ring():
+      streaming(sp * nf + h)
+
+    retrieval(h, sp, start_blk, n, length)
+    return
 
   @pl.when(c >= ns)
   def _retrieval():
     h = lax.div(c - ns, jnp.int32(splits))
     sp = lax.rem(c - ns, jnp.int32(splits))
-    length = jnp.minimum(len_ref[b], jnp.int32(L))
     start_blk, n = _split_range(length, sp, splits=splits, block_kv=block_kv)
-    _attend_split(q_ref, kf_ref, vf_ref, None, o_ret_ref, lse_ret_ref, scratch, b=b, kv_head=h, q_head=h,
-                  out_head=h, sp=sp, start_blk=start_blk, n=n, length=length, block_kv=block_kv, **kw)
+    retrieval(h, sp, start_blk, n, length)
 
   @pl.when(c < ns)
   def _streaming():
-    _attend_split(q_ref, kr_ref, vr_ref, bias_ref, o_str_ref, lse_str_ref, scratch, b=b, kv_head=c, q_head=nf + c,
-                  out_head=c, sp=zero, start_blk=zero, n=jnp.int32(R // block_kv), length=None,
-                  block_kv=block_kv, **kw)
+    streaming(c)
 
 
 def _attend_split(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, scratch, *, b, kv_head, q_head, out_head, sp,
@@ -343,7 +398,8 @@ def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, co
     qp: ``[B, nf + ns, Gq, D]`` (Gq = 64 zero-padded, or, GPU only, the unpadded group G < 64).
     k_full, v_full: ``[B, L, nf, D]``; lengths ``[B]`` int32.
     k_ring, v_ring: ``[B, R, ns, D]``; bias ``[B, R]`` float32 (0 visible, -1e30 not).
-    config: ``block_kv`` must divide both L and R; ``blocks_per_split`` splits the full cache.
+    config: ``block_kv`` must divide both L and R; ``blocks_per_split`` splits the full cache; ``host_ring``
+      picks the schedule (see ``_duo_kernel_body``; it needs ``ns <= nf * splits``).
 
   Returns:
     ``(o_ret [B, nf, splits, rows, D], lse_ret [B, nf, splits, 64])``: the retrieval heads' split partials as
@@ -362,19 +418,23 @@ def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, co
   bps = config.blocks_per_split or nblocks
   splits = -(-nblocks // bps)
   stages = max(1, min(config.num_stages, max(bps, R // bk)))
+  host_ring = config.host_ring
+  if host_ring and ns > nf * splits:
+    raise ValueError(f"host_ring needs a retrieval split for every streaming ring: ns={ns} > nf * splits = "
+                     f"{nf} * {splits}")
   fast = fast and not config.p_via_smem
   dtype = qp.dtype
   scratch = _scratch_types(D, dtype, stages, bk, fast, True)
   body = functools.partial(
       _duo_kernel_body, L=L, R=R, nf=nf, ns=ns, D=D, dtype=dtype, block_kv=bk, num_stages=stages, splits=splits,
-      scale_log2=float(scale) * LOG2E, fast=fast, q_rows=q_rows, out_rows=out_rows)
+      scale_log2=float(scale) * LOG2E, fast=fast, q_rows=q_rows, out_rows=out_rows, host_ring=host_ring)
 
   def entry(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ret_ref, lse_ret_ref, o_str_ref, lse_str_ref,
             *scr):
     body(q_ref, kf_ref, vf_ref, len_ref, kr_ref, vr_ref, bias_ref, o_ret_ref, lse_ret_ref, o_str_ref, lse_str_ref,
          scr)
 
-  C = ns + nf * splits
+  C = nf * splits if host_ring else ns + nf * splits
   out_type = (jax.ShapeDtypeStruct((B, nf, splits, out_rows, D), dtype),
               jax.ShapeDtypeStruct((B, nf, splits, ROWS), jnp.float32),
               jax.ShapeDtypeStruct((B, ns, 1, out_rows, D), dtype),
