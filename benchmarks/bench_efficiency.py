@@ -34,6 +34,7 @@ from duojax.config import DuoSpec, LlamaConfig
 from duojax.generate import Generator
 from duojax.models.llama import Llama
 from duojax.kernels import decode as decode_module
+from duojax.kernels import decode_mgpu
 from duojax.kernels import gemv_mgpu
 from duojax.models import dense as dense_module
 
@@ -228,7 +229,12 @@ def main(argv=None):
   ap.add_argument("--host-ring", choices=("default", "on", "off"), default="default",
                   help="the fused duo launch's schedule: streaming rings inside retrieval CTAs (on) or in CTAs of "
                        "their own (off); default: the library's (duojax.kernels.decode.HOST_RING)")
+  ap.add_argument("--unroll-splits", type=int, default=-1,
+                  help="the decode combine's unrolled-chain limit (decode_mgpu.UNROLL_SPLITS; 0: always an XLA "
+                       "reduce; -1: the library's)")
   args = ap.parse_args(argv)
+  if args.unroll_splits >= 0:
+    decode_mgpu.UNROLL_SPLITS = args.unroll_splits
   if args.host_ring != "default":
     decode_module.HOST_RING = args.host_ring == "on"
   if args.gemv_min_matrices:
@@ -246,7 +252,7 @@ def main(argv=None):
              "config": dataclasses.asdict(config), "decode": [], "prefill": [],
              "projections": "xla" if args.xla_projections else "gemv kernel where it applies",
              "gemv_block_n": gemv_mgpu.DEFAULT_BLOCK_N, "gemv_min_matrices": dense_module.GEMV_MIN_MATRICES,
-             "host_ring": decode_module.HOST_RING}
+             "host_ring": decode_module.HOST_RING, "unroll_splits": decode_mgpu.UNROLL_SPLITS}
   contexts = [int(c) for c in args.contexts.split(",")]
   full_fit = None
   for ratio in (float(r) for r in args.ratios.split(",") if r):  # --ratios "": prefill only
@@ -273,6 +279,7 @@ def main(argv=None):
   tag += f"_gemv{args.gemv_block_n}" if args.gemv_block_n else ""
   tag += f"_gemvmin{args.gemv_min_matrices}" if args.gemv_min_matrices else ""
   tag += f"_hostring{args.host_ring}" if args.host_ring != "default" else ""
+  tag += f"_unroll{args.unroll_splits}" if args.unroll_splits >= 0 else ""
   (out / f"efficiency_{args.model}_{tag}.json").write_text(json.dumps(results, indent=1))
   plot(results, out / f"efficiency_{args.model}_{tag}.png")
 

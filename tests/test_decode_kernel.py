@@ -328,3 +328,30 @@ def test_gpu_kernel_vs_oracle(D, G):
   out = duo_decode_attention(**inputs, sink=64, window=256, impl="pallas")
   ref, _ = oracle(inputs["q"], k, v, case["lengths"], nf=2, G=G, sink=64, window=256)
   assert rel_l2(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("S", [1, 5, 33, 131])
+def test_combine_partials_vs_float64(S):
+  """The split combine (an unrolled chain up to ``UNROLL_SPLITS`` splits, an XLA reduce above; weights fused or
+  computed apart) against float64 numpy, with empty splits (lse -inf) and one head that saw nothing at all."""
+  from duojax.kernels.decode_mgpu import MATERIALIZE_SPLITS, UNROLL_SPLITS, combine_partials
+  assert 5 < MATERIALIZE_SPLITS <= 33 <= UNROLL_SPLITS < 131  # the cases cover every path
+  rng = np.random.default_rng(11)
+  B, H, G, D = 2, 3, 4, 16
+  o = rng.standard_normal((B, H, S, 64, D)).astype(np.float32)
+  lse2 = (rng.standard_normal((B, H, S, 64)) * 3).astype(np.float32)
+  lse2[:, :, ::2] = -np.inf  # every other split saw nothing
+  lse2[1, 2] = -np.inf
+  out, lse = combine_partials(jnp.asarray(o), jnp.asarray(lse2), G)
+  l64 = lse2[:, :, :, :G].astype(np.float64)
+  with np.errstate(invalid="ignore"):
+    w = np.exp2(l64 - np.max(l64, axis=2, keepdims=True))
+  w = np.nan_to_num(w)
+  tot = w.sum(axis=2)
+  ref = np.einsum("bhsg,bhsgd->bhgd", w, o[:, :, :, :G].astype(np.float64)) / np.where(tot > 0, tot, 1)[..., None]
+  with np.errstate(divide="ignore"):
+    ref_lse = np.where(tot > 0, (np.max(l64, axis=2) + np.log2(np.where(tot > 0, tot, 1))) * np.log(2), -np.inf)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-6, atol=1e-6)
+  if S > 1:
+    assert np.all(np.asarray(out)[1, 2] == 0) and np.all(np.isneginf(np.asarray(lse)[1, 2]))
