@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -33,10 +34,11 @@ from duojax.cache import DuoCache, LayerCache, cache_bytes, init_cache, ring_slo
 from duojax.config import DuoSpec, LlamaConfig
 from duojax.generate import Generator
 from duojax.models.llama import Llama
-from duojax.kernels import decode as decode_module
-from duojax.kernels import decode_mgpu
 from duojax.kernels import gemv_mgpu
 from duojax.models import dense as dense_module
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks.*
+from benchmarks.decode_options import add_decode_options, apply_decode_options, decode_options_record  # noqa: E402
 
 MODELS = {
     "llama2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -226,17 +228,9 @@ def main(argv=None):
   ap.add_argument("--gemv-block-n", type=int, default=0, help="GEMV kernel column tile (0: the default)")
   ap.add_argument("--gemv-min-matrices", type=int, default=0,
                   help="GEMV kernel only for launches of at least this many projections (0: the default)")
-  ap.add_argument("--host-ring", choices=("default", "on", "off"), default="default",
-                  help="the fused duo launch's schedule: streaming rings inside retrieval CTAs (on) or in CTAs of "
-                       "their own (off); default: the library's (duojax.kernels.decode.HOST_RING)")
-  ap.add_argument("--unroll-splits", type=int, default=-1,
-                  help="the decode combine's unrolled-chain limit (decode_mgpu.UNROLL_SPLITS; 0: always an XLA "
-                       "reduce; -1: the library's)")
+  add_decode_options(ap)
   args = ap.parse_args(argv)
-  if args.unroll_splits >= 0:
-    decode_mgpu.UNROLL_SPLITS = args.unroll_splits
-  if args.host_ring != "default":
-    decode_module.HOST_RING = args.host_ring == "on"
+  options_tag = apply_decode_options(args)
   if args.gemv_min_matrices:
     dense_module.GEMV_MIN_MATRICES = args.gemv_min_matrices
   if args.xla_projections:
@@ -252,7 +246,7 @@ def main(argv=None):
              "config": dataclasses.asdict(config), "decode": [], "prefill": [],
              "projections": "xla" if args.xla_projections else "gemv kernel where it applies",
              "gemv_block_n": gemv_mgpu.DEFAULT_BLOCK_N, "gemv_min_matrices": dense_module.GEMV_MIN_MATRICES,
-             "host_ring": decode_module.HOST_RING, "unroll_splits": decode_mgpu.UNROLL_SPLITS}
+             **decode_options_record()}
   contexts = [int(c) for c in args.contexts.split(",")]
   full_fit = None
   for ratio in (float(r) for r in args.ratios.split(",") if r):  # --ratios "": prefill only
@@ -278,8 +272,7 @@ def main(argv=None):
   tag = device.device_kind.replace(" ", "_") + ("_xla_projections" if args.xla_projections else "")
   tag += f"_gemv{args.gemv_block_n}" if args.gemv_block_n else ""
   tag += f"_gemvmin{args.gemv_min_matrices}" if args.gemv_min_matrices else ""
-  tag += f"_hostring{args.host_ring}" if args.host_ring != "default" else ""
-  tag += f"_unroll{args.unroll_splits}" if args.unroll_splits >= 0 else ""
+  tag += options_tag
   (out / f"efficiency_{args.model}_{tag}.json").write_text(json.dumps(results, indent=1))
   plot(results, out / f"efficiency_{args.model}_{tag}.png")
 

@@ -27,8 +27,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_efficiency import MODELS, SINK, WINDOW, duo_spec, gen_sampling, random_cache, random_model, set_length  # noqa: E402
 
 from duojax.generate import Generator  # noqa: E402
-from duojax.kernels import decode as decode_module  # noqa: E402
 from duojax.models import dense as dense_module  # noqa: E402
+
+from benchmarks.decode_options import add_decode_options, apply_decode_options  # noqa: E402
 
 
 def gpu_kernel_times(trace_dir: pathlib.Path) -> dict[str, list[float]]:
@@ -58,11 +59,9 @@ def main(argv=None):
   ap.add_argument("--xla-projections", action="store_true", help="XLA dots instead of the Mosaic-GPU GEMV")
   ap.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's own count)")
   ap.add_argument("--hlo-out", default=None, help="write the optimized HLO of the jitted decode loop here")
-  ap.add_argument("--host-ring", choices=("default", "on", "off"), default="default",
-                  help="the fused duo launch's ring schedule (duojax.kernels.decode.HOST_RING)")
+  add_decode_options(ap)
   args = ap.parse_args(argv)
-  if args.host_ring != "default":
-    decode_module.HOST_RING = args.host_ring == "on"
+  apply_decode_options(args)
   if args.xla_projections:
     dense_module.GEMV_MAX_ROWS = 0
   config = MODELS[args.model]

@@ -1,4 +1,5 @@
-"""The benchmark helpers shared by the GPU probes: round-robin sampling order and the result file's header."""
+"""The benchmark helpers shared by the GPU probes and decode benchmarks: round-robin sampling order, the result
+file's header, and the decode switches."""
 
 import json
 
@@ -30,3 +31,20 @@ def test_write_result_heads_the_file_with_device_version_and_date(tmp_path):
   assert list(doc)[:3] == ["device", "jax_version", "date"]
   assert doc["device"] == dev and doc["jax_version"] == jax.__version__
   assert doc["rows"] == [{"us": 1.5}] and doc["note"] == "n"
+
+
+def test_decode_options_set_the_library_switches_and_tag(monkeypatch):
+  """``--host-ring`` / ``--unroll-splits`` reach the library's switches and name the result file; the defaults
+  leave both untouched."""
+  import argparse
+  from benchmarks.decode_options import add_decode_options, apply_decode_options, decode_options_record
+  from duojax.kernels import decode, decode_mgpu
+  monkeypatch.setattr(decode, "HOST_RING", True)
+  monkeypatch.setattr(decode_mgpu, "UNROLL_SPLITS", 128)
+  ap = argparse.ArgumentParser()
+  add_decode_options(ap)
+  assert apply_decode_options(ap.parse_args([])) == ""
+  assert decode_options_record() == {"host_ring": True, "unroll_splits": 128}
+  tag = apply_decode_options(ap.parse_args(["--host-ring", "off", "--unroll-splits", "0"]))
+  assert tag == "_hostringoff_unroll0"
+  assert decode_options_record() == {"host_ring": False, "unroll_splits": 0}
