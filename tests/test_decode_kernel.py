@@ -174,7 +174,7 @@ def test_hosted_split_ranges_tile_the_filled_blocks():
     for length in [0, 1, 63, 64, 65, 200, 64 * 37 + 5, 64 * 300]:
       nblk = -(-length // 64)
       for h in range(nf):
-        k = hosted_rings(h, nf=nf, ns=ns)
+        k = int(hosted_rings(jnp.int32(h), nf=nf, ns=ns))
         assert k == sum(1 for i in range(ns) if i % nf == h)
         covered = []
         per = max(-(-(nblk + k * rb) // splits), 1)

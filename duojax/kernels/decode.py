@@ -138,13 +138,14 @@ def ring_fuses(ns: int, R: int, block_kv: int, streaming_impl: str) -> bool:
 HOST_RING = True
 
 
-def _duo_config(decode_mgpu, L: int, D: int, B: int, nf: int, ns: int, block_kv: int, fused: bool):
+def _duo_config(L: int, D: int, B: int, nf: int, ns: int, block_kv: int, fused: bool):
   """The retrieval kernel's config: with a fused ring and ``HOST_RING``, every CTA of the wave is a retrieval
   split and the splits host the rings (if there are at least ``ns`` of them); else the streaming CTAs get their
   own slots in the wave."""
+  from duojax.kernels import decode_mgpu  # noqa: PLC0415 (keeps Mosaic-GPU imports off the reference path)
   if fused and HOST_RING:
     cfg = decode_mgpu.pick_config(L, D, B * nf, block_kv=block_kv, other_ctas=0, host_ring=True)
-    if ns <= nf * -(-(L // cfg.block_kv) // cfg.blocks_per_split):
+    if ns <= nf * decode_mgpu.split_layout(L, cfg)[1]:
       return cfg
   return decode_mgpu.pick_config(L, D, B * nf, block_kv=block_kv, other_ctas=B * ns if fused else 0)
 
@@ -174,7 +175,7 @@ def _decode_pallas(q, k_full, v_full, lengths, k_ring, v_ring, ring_pos, *, sink
       bk = 128 if (L % 128 == 0 and D <= 128) else 64
       if streaming_impl == "fused" and ns and R % bk:
         bk = 64
-      cfg = _duo_config(decode_mgpu, L, D, B, nf, ns, bk, fuses(bk))
+      cfg = _duo_config(L, D, B, nf, ns, bk, fuses(bk))
     fused = fuses(cfg.block_kv)
     q_in = qg if (fast and cfg.unpadded_q) else None
     if fused:

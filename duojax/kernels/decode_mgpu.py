@@ -90,6 +90,14 @@ def pick_config(S: int, D: int, n_units: int, *, block_kv: int | None = None, nu
                       p_via_smem=p_via_smem, unpadded_q=unpadded_q, host_ring=host_ring)
 
 
+def split_layout(S: int, config: DecodeConfig) -> tuple[int, int]:
+  """``(blocks_per_split, splits)`` of a cache of ``S`` positions (a multiple of ``config.block_kv``) under
+  ``config`` (``blocks_per_split=None``: one split over every block)."""
+  nblocks = S // config.block_kv
+  bps = config.blocks_per_split or nblocks
+  return bps, -(-nblocks // bps)
+
+
 def _split_range(length, sp, *, splits: int, block_kv: int):
   """Blocks ``[start, start + n)`` of split ``sp``: the sequence's ``cdiv(length, block_kv)`` filled blocks are
   spread evenly over the ``splits`` CTAs, so every CTA has work whatever the fill of the cache. (Splitting
@@ -102,10 +110,10 @@ def _split_range(length, sp, *, splits: int, block_kv: int):
 
 
 def hosted_rings(h, *, nf: int, ns: int):
-  """Number of streaming rings retrieval head ``h``'s splits host (``host_ring``): ring ``i`` runs in split
-  ``i // nf`` of retrieval head ``i % nf``, so head ``h`` hosts ``cdiv(ns - h, nf)`` (0 for ``h >= ns``), in its
-  first splits."""
-  return (ns + nf - 1 - h) // nf
+  """Number of streaming rings retrieval head ``h`` (int32, traced or not) hosts in its first splits
+  (``host_ring``): ring ``i`` runs in split ``i // nf`` of retrieval head ``i % nf``, so head ``h`` hosts
+  ``cdiv(ns - h, nf)`` (0 for ``h >= ns``)."""
+  return lax.div(jnp.int32(ns + nf - 1) - h, jnp.int32(nf))  # non-negative: truncation is the floor
 
 
 def _hosted_split_range(length, h, sp, *, splits: int, block_kv: int, nf: int, ns: int, ring_blocks: int):
@@ -115,7 +123,7 @@ def _hosted_split_range(length, h, sp, *, splits: int, block_kv: int, nf: int, n
   ``[0, nblk)``: ``k * (per - ring_blocks) + (splits - k) * per >= nblk``. Returns ``(start, n, hosts)``."""
   rb = jnp.int32(ring_blocks)
   nblk = lax.div(length + (block_kv - 1), jnp.int32(block_kv))
-  k = lax.div(jnp.int32(ns + nf - 1) - h, jnp.int32(nf))  # hosted_rings(h), traced
+  k = hosted_rings(h, nf=nf, ns=ns)
   per = lax.max(lax.div(nblk + k * rb + (splits - 1), jnp.int32(splits)), jnp.int32(1))
   light = lax.max(per - rb, jnp.int32(0))
   hosts = sp < k
@@ -322,9 +330,7 @@ def decode_partials(qp, k, v, lengths, bias, *, config: DecodeConfig, scale: flo
   out_rows = ROWS if (q_rows == ROWS or not config.trim_output) else min(ROWS, -(-q_rows // 8) * 8)
   bk = config.block_kv
   assert S % bk == 0, (S, bk)
-  nblocks = S // bk
-  bps = config.blocks_per_split or nblocks
-  splits = -(-nblocks // bps)
+  bps, splits = split_layout(S, config)
   stages = max(1, min(config.num_stages, bps))
   fast = fast and not config.p_via_smem
   dtype = qp.dtype
@@ -414,9 +420,7 @@ def decode_partials_duo(qp, k_full, v_full, lengths, k_ring, v_ring, bias, *, co
   out_rows = ROWS if (q_rows == ROWS or not config.trim_output) else min(ROWS, -(-q_rows // 8) * 8)
   bk = config.block_kv
   assert L % bk == 0 and R % bk == 0, (L, R, bk)
-  nblocks = L // bk
-  bps = config.blocks_per_split or nblocks
-  splits = -(-nblocks // bps)
+  bps, splits = split_layout(L, config)
   stages = max(1, min(config.num_stages, max(bps, R // bk)))
   host_ring = config.host_ring
   if host_ring and ns > nf * splits:
