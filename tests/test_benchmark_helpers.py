@@ -1,9 +1,10 @@
 """The benchmark helpers shared by the GPU probes and decode benchmarks: round-robin sampling order, the result
-file's header, and the decode switches."""
+file's header, the decode switches, and the decode-bound arithmetic."""
 
 import json
 
 import jax
+import pytest
 
 from benchmarks.result_file import write_result
 from benchmarks.timing import round_robin
@@ -48,3 +49,33 @@ def test_decode_options_set_the_library_switches_and_tag(monkeypatch):
   tag = apply_decode_options(ap.parse_args(["--host-ring", "off", "--unroll-splits", "0"]))
   assert tag == "_hostringoff_unroll0"
   assert decode_options_record() == {"host_ring": False, "unroll_splits": 0}
+
+
+def test_decode_bound_splits_the_profiles_and_solves_for_the_share():
+  """Two profile_decode.py logs (made-up times) -> the three parts, the ratios after cuts and the share a target
+  needs, checked against the arithmetic done by hand."""
+  from benchmarks.decode_bound import parse_profiles, pick_steps, ratio_after, share_needed
+  duo_log = """m ratio 0.25 context 1024: wall 9.000 ms/token, GPU kernel time 8.000 ms/token, 600 kernels/token
+ ms/token calls/token  us/call  kernel
+    4.000        32.0    125.0  entry_mosaic_gpu_kernel
+    3.000       129.0     23.3  anonymous_mosaic_gpu_kernel
+    0.100        63.0      1.6  loop_add_fusion_62
+"""
+  full_log = """m ratio 1.0 context 1024: wall 20.000 ms/token, GPU kernel time 19.000 ms/token, 500 kernels/token
+ ms/token calls/token  us/call  kernel
+   15.400        32.0    481.2  entry_mosaic_gpu_kernel
+    3.000       129.0     23.3  anonymous_mosaic_gpu_kernel
+"""
+  duo, full = pick_steps(parse_profiles(duo_log) + parse_profiles(full_log))
+  assert (duo.ratio, full.ratio, duo.kernels, full.kernels) == (0.25, 1.0, 600, 500)
+  assert abs(duo.other_ms - 1.0) < 1e-9 and abs(full.other_ms - 0.6) < 1e-9
+  # duo-only other (0.4) gone: 19 / 7.6; half the shared 0.6 gone too: 18.7 / 7.3
+  assert abs(ratio_after(duo, full, 0.0) - 19.0 / 7.6) < 1e-9
+  assert abs(ratio_after(duo, full, 0.5) - 18.7 / 7.3) < 1e-9
+  assert abs(ratio_after(duo, full, 0.0, duo_only=False) - 19.0 / 8.0) < 1e-9
+  # (19 - 0.6 f) / (7.6 - 0.6 f) = 2.5  ->  f = (2.5 * 7.6 - 19) / (1.5 * 0.6) = 0
+  assert abs(share_needed(duo, full, 2.5)) < 1e-9
+  f = share_needed(duo, full, 2.6)
+  assert abs(ratio_after(duo, full, f) - 2.6) < 1e-9
+  with pytest.raises(ValueError, match="one all-full"):
+    pick_steps(parse_profiles(duo_log))
