@@ -90,22 +90,24 @@ def pick_steps(profiles: list[StepProfile]) -> tuple[StepProfile, StepProfile]:
   return d, f
 
 
-def ratio_after(duo: StepProfile, full: StepProfile, shared_share: float, *, duo_only: bool = True) -> float:
-  """all-full / duo kernel time after removing the duo-only "other" time (if ``duo_only``) and a share of the
-  "other" time both steps share."""
+def _without_duo_only(duo: StepProfile, full: StepProfile) -> tuple[float, float, float]:
+  """(shared "other" ms, duo ms, all-full ms) once the duo step's extra "other" time is gone."""
   shared = min(duo.other_ms, full.other_ms)
+  return shared, duo.kernel_ms - (duo.other_ms - shared), full.kernel_ms - (full.other_ms - shared)
+
+
+def ratio_after(duo: StepProfile, full: StepProfile, shared_share: float) -> float:
+  """all-full / duo kernel time without the duo-only "other" time and ``shared_share`` of the shared "other"
+  time."""
+  shared, d, f = _without_duo_only(duo, full)
   cut = shared_share * shared
-  d = duo.kernel_ms - cut - ((duo.other_ms - shared) if duo_only else 0.0)
-  f = full.kernel_ms - cut - (full.other_ms - shared)
-  return f / d
+  return (f - cut) / (d - cut)
 
 
 def share_needed(duo: StepProfile, full: StepProfile, target: float) -> float:
   """The share of the shared "other" time that must go, with the duo-only time gone, for ``target``; may
   exceed 1 (the target is out of reach by fusion alone) or be below 0 (already met)."""
-  shared = min(duo.other_ms, full.other_ms)
-  d = duo.kernel_ms - (duo.other_ms - shared)
-  f = full.kernel_ms - (full.other_ms - shared)
+  shared, d, f = _without_duo_only(duo, full)
   return (target * d - f) / ((target - 1.0) * shared)
 
 

@@ -72,7 +72,6 @@ def test_decode_bound_splits_the_profiles_and_solves_for_the_share():
   # duo-only other (0.4) gone: 19 / 7.6; half the shared 0.6 gone too: 18.7 / 7.3
   assert abs(ratio_after(duo, full, 0.0) - 19.0 / 7.6) < 1e-9
   assert abs(ratio_after(duo, full, 0.5) - 18.7 / 7.3) < 1e-9
-  assert abs(ratio_after(duo, full, 0.0, duo_only=False) - 19.0 / 8.0) < 1e-9
   # (19 - 0.6 f) / (7.6 - 0.6 f) = 2.5  ->  f = (2.5 * 7.6 - 19) / (1.5 * 0.6) = 0
   assert abs(share_needed(duo, full, 2.5)) < 1e-9
   f = share_needed(duo, full, 2.6)
