@@ -107,7 +107,12 @@ def ratio_after(duo: StepProfile, full: StepProfile, shared_share: float) -> flo
 def share_needed(duo: StepProfile, full: StepProfile, target: float) -> float:
   """The share of the shared "other" time that must go, with the duo-only time gone, for ``target``; may
   exceed 1 (the target is out of reach by fusion alone) or be below 0 (already met)."""
+  if not target > 1.0:
+    raise ValueError(f"the target ratio must be above 1 (all-full / duo); got {target}")
   shared, d, f = _without_duo_only(duo, full)
+  if shared <= 0:
+    raise ValueError(f"the profiles share no small-kernel time to remove (duo {duo.other_ms:.3f} ms, all-full "
+                     f"{full.other_ms:.3f} ms)")
   return (target * d - f) / ((target - 1.0) * shared)
 
 
@@ -128,7 +133,7 @@ def main(argv=None) -> None:
     print(f"{f'no duo-only other, {share:.0%} of shared other gone':>48} {ratio_after(duo, full, share):6.3f}")
   need = share_needed(duo, full, args.target)
   print(f"{args.target}x needs the duo-only other time and {need:.0%} of the shared other time "
-        f"({need * min(duo.other_ms, full.other_ms):.3f} ms per token) gone at no cost")
+        f"({need * _without_duo_only(duo, full)[0]:.3f} ms per token) gone at no cost")
 
 
 if __name__ == "__main__":

@@ -78,3 +78,5 @@ def test_decode_bound_splits_the_profiles_and_solves_for_the_share():
   assert abs(ratio_after(duo, full, f) - 2.6) < 1e-9
   with pytest.raises(ValueError, match="one all-full"):
     pick_steps(parse_profiles(duo_log))
+  with pytest.raises(ValueError, match="must be above 1.*got 1.0"):
+    share_needed(duo, full, 1.0)
